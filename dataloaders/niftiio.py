@@ -1,0 +1,290 @@
+"""Reading and writing the processed on-disk format (SPEC section 2).
+
+One flat folder per dataset:
+
+- ``image_<id>.nii.gz``          float image (CT in [0, 255], MR raw intensities after clip and resampling)
+- ``label_<id>.nii.gz``          integer labels on the same grid
+- ``superpix-<SCALE>_<id>.nii.gz`` superpixel pseudolabels, 0 outside the body (integer; float64 is accepted)
+- ``fgmask_<id>.nii.gz``         body mask (0/1)
+- ``classmap_<min_fg>.json``     class -> scan -> sorted slice indices holding the class
+
+Arrays are SimpleITK order, ``(Z, H, W)``: axis 0 is the slice axis. Every read checks the gzip stream end to end
+(SimpleITK silently zero-fills a truncated ``.nii.gz``), and every write goes to a temporary name in the same
+folder and is renamed when complete, so a crash never leaves a half-written file under the final name.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import re
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import SimpleITK as sitk
+
+IMAGE_PATTERN = re.compile(r"^image_(\d+)\.nii\.gz$")
+
+
+class DataFormatError(ValueError):
+    """A processed data file is missing, corrupt or inconsistent; the message names the file."""
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Physical grid of a volume, in SimpleITK (x, y, z) order."""
+
+    spacing: tuple[float, ...]
+    origin: tuple[float, ...]
+    direction: tuple[float, ...]
+
+    @classmethod
+    def of(cls, img: sitk.Image) -> "Geometry":
+        return cls(tuple(img.GetSpacing()), tuple(img.GetOrigin()), tuple(img.GetDirection()))
+
+    def apply(self, img: sitk.Image) -> sitk.Image:
+        img.SetSpacing(self.spacing)
+        img.SetOrigin(self.origin)
+        img.SetDirection(self.direction)
+        return img
+
+    def mismatch(self, other: "Geometry", tol: float = 1e-4) -> str | None:
+        """Which field differs from ``other`` (relative tolerance on spacing, absolute in mm on origin)."""
+        if not np.allclose(self.spacing, other.spacing, rtol=tol, atol=0):
+            return f"spacing {other.spacing} != {self.spacing}"
+        if not np.allclose(self.origin, other.origin, rtol=0, atol=max(tol, 1e-3)):
+            return f"origin {other.origin} != {self.origin}"
+        if not np.allclose(self.direction, other.direction, rtol=0, atol=tol):
+            return f"direction {other.direction} != {self.direction}"
+        return None
+
+
+def check_gzip_complete(path: Path) -> None:
+    """Decompress the whole gzip stream, raising :class:`DataFormatError` if it is truncated or corrupt."""
+    try:
+        with gzip.open(path, "rb") as fh:
+            while fh.read(1 << 22):
+                pass
+    except (EOFError, OSError, zlib.error) as err:
+        raise DataFormatError(f"{path}: truncated or corrupt gzip stream ({err})") from None
+
+
+def read_sitk(path: str | Path) -> sitk.Image:
+    """Read one volume with SimpleITK after checking it is complete."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataFormatError(f"{path}: file not found")
+    if path.name.endswith(".gz"):
+        check_gzip_complete(path)
+    try:
+        return sitk.ReadImage(str(path))
+    except RuntimeError as err:
+        raise DataFormatError(f"{path}: cannot be read as an image ({str(err).strip().splitlines()[-1]})") from None
+
+
+def read_volume(path: str | Path, dtype: Any = None) -> tuple[np.ndarray, Geometry]:
+    """Read a volume as a ``(Z, H, W)`` array and its geometry.
+
+    Args:
+        path: a ``.nii.gz`` (or any SimpleITK-readable) file.
+        dtype: optional dtype to cast to.
+    """
+    img = read_sitk(path)
+    arr = sitk.GetArrayFromImage(img)
+    if arr.ndim != 3:
+        raise DataFormatError(f"{path}: expected a 3D volume, got shape {arr.shape}")
+    if dtype is not None:
+        arr = arr.astype(dtype, copy=False)
+    return arr, Geometry.of(img)
+
+
+def read_label_volume(path: str | Path) -> tuple[np.ndarray, Geometry]:
+    """Read an integer-valued volume (labels, superpixels; float storage accepted, Q20) as int32 ``(Z, H, W)``."""
+    arr, geom = read_volume(path)
+    if arr.dtype.kind == "f":
+        rounded = np.rint(arr)
+        if not np.array_equal(rounded, arr):
+            raise DataFormatError(f"{path}: label volume holds non-integer values")
+        arr = rounded
+    return arr.astype(np.int32), geom
+
+
+def _atomic_target(path: Path) -> Path:
+    # Same folder (so the rename is atomic), same suffix (SimpleITK picks the writer from it).
+    return path.with_name(f".tmp-{os.getpid()}-{path.name}")
+
+
+def write_volume(arr: np.ndarray, path: str | Path, geometry: Geometry | None = None,
+                 reference: sitk.Image | None = None) -> Path:
+    """Write a ``(Z, H, W)`` array atomically, carrying the geometry of ``geometry`` or ``reference``."""
+    path = Path(path)
+    img = sitk.GetImageFromArray(np.ascontiguousarray(arr))
+    if reference is not None:
+        img.CopyInformation(reference)
+    elif geometry is not None:
+        geometry.apply(img)
+    tmp = _atomic_target(path)
+    try:
+        sitk.WriteImage(img, str(tmp), True)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def write_json(obj: Any, path: str | Path, indent: int | None = 1) -> Path:
+    """Write JSON atomically (temporary name, then rename)."""
+    path = Path(path)
+    tmp = _atomic_target(path)
+    try:
+        tmp.write_text(json.dumps(obj, indent=indent) + "\n")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+# -------------------------------------------------------------------- file names and discovery
+def image_path(data_dir: str | Path, scan_id: int) -> Path:
+    return Path(data_dir) / f"image_{scan_id}.nii.gz"
+
+
+def label_path(data_dir: str | Path, scan_id: int) -> Path:
+    return Path(data_dir) / f"label_{scan_id}.nii.gz"
+
+
+def superpix_path(data_dir: str | Path, scan_id: int, scale: str = "MIDDLE") -> Path:
+    return Path(data_dir) / f"superpix-{scale}_{scan_id}.nii.gz"
+
+
+def fgmask_path(data_dir: str | Path, scan_id: int) -> Path:
+    return Path(data_dir) / f"fgmask_{scan_id}.nii.gz"
+
+
+def classmap_path(data_dir: str | Path, min_fg: int = 1) -> Path:
+    return Path(data_dir) / f"classmap_{min_fg}.json"
+
+
+def list_scan_ids(data_dir: str | Path) -> list[int]:
+    """Scan ids of ``image_<id>.nii.gz`` in ``data_dir``, sorted numerically.
+
+    Raises:
+        DataFormatError: the folder does not exist or holds no image file.
+    """
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise DataFormatError(f"{data_dir}: data directory not found")
+    ids = sorted(int(m.group(1)) for p in data_dir.iterdir() if (m := IMAGE_PATTERN.match(p.name)))
+    if not ids:
+        raise DataFormatError(f"{data_dir}: no image_<id>.nii.gz files in this folder")
+    return ids
+
+
+# -------------------------------------------------------------------- one scan, checked
+@dataclass
+class ScanVolumes:
+    """The volumes of one scan, all ``(Z, H, W)`` on one grid.
+
+    Attributes:
+        scan_id: scan id.
+        image: float32 image.
+        label: int32 labels, or ``None`` if not requested.
+        superpix: int32 superpixel ids, or ``None`` if not requested.
+        geometry: the image's geometry.
+    """
+
+    scan_id: int
+    image: np.ndarray
+    label: np.ndarray | None
+    superpix: np.ndarray | None
+    geometry: Geometry
+
+
+def _check_same_grid(ref_path: Path, ref: np.ndarray, ref_geom: Geometry, path: Path, arr: np.ndarray,
+                     geom: Geometry) -> None:
+    if arr.shape != ref.shape:
+        raise DataFormatError(f"{path}: shape {arr.shape} differs from {ref_path.name} {ref.shape}")
+    why = ref_geom.mismatch(geom)
+    if why is not None:
+        raise DataFormatError(f"{path}: geometry differs from {ref_path.name}: {why}")
+
+
+def load_scan(data_dir: str | Path, scan_id: int, with_label: bool = True, with_superpix: bool = False,
+              superpix_scale: str = "MIDDLE", known_labels: set[int] | None = None) -> ScanVolumes:
+    """Load a scan's image and, optionally, its labels and superpixels, checking shape and geometry.
+
+    Args:
+        known_labels: if given, label values outside this set raise an error naming the file.
+
+    Raises:
+        DataFormatError: a file is missing, truncated, or not on the image's grid.
+    """
+    ipath = image_path(data_dir, scan_id)
+    image, geom = read_volume(ipath, np.float32)
+    label = superpix = None
+    if with_label:
+        lpath = label_path(data_dir, scan_id)
+        label, lgeom = read_label_volume(lpath)
+        _check_same_grid(ipath, image, geom, lpath, label, lgeom)
+        if known_labels is not None:
+            unknown = sorted(set(np.unique(label).tolist()) - set(known_labels))
+            if unknown:
+                raise DataFormatError(
+                    f"{lpath}: label ids {unknown} are not in the dataset's label map {sorted(known_labels)}")
+    if with_superpix:
+        spath = superpix_path(data_dir, scan_id, superpix_scale)
+        superpix, sgeom = read_label_volume(spath)
+        _check_same_grid(ipath, image, geom, spath, superpix, sgeom)
+    return ScanVolumes(scan_id, image, label, superpix, geom)
+
+
+def iter_scans(data_dir: str | Path, scan_ids: list[int] | None = None, **kwargs: Any) -> Iterator[ScanVolumes]:
+    """Yield :func:`load_scan` for each id (default: every scan in the folder)."""
+    for sid in scan_ids if scan_ids is not None else list_scan_ids(data_dir):
+        yield load_scan(data_dir, sid, **kwargs)
+
+
+# -------------------------------------------------------------------- class map
+def load_classmap(data_dir: str | Path, class_names: list[str], scan_ids: list[int] | None = None,
+                  min_fg: int = 1) -> dict[str, dict[str, list[int]]]:
+    """Read ``classmap_<min_fg>.json`` and check it against the dataset and the scans present.
+
+    Args:
+        class_names: every class name the map must hold (background included).
+        scan_ids: ids whose entries must exist (default: the scans in the folder).
+
+    Raises:
+        DataFormatError: missing, malformed, or stale (scan ids that do not match the image files).
+    """
+    path = classmap_path(data_dir, min_fg)
+    if not path.is_file():
+        raise DataFormatError(
+            f"{path}: class-slice index not found; build it with "
+            f"`python -m data_preprocessing.class_slice_index --data-dir {data_dir} --dataset <NAME>`")
+    try:
+        cmap = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise DataFormatError(f"{path}: malformed JSON ({err})") from None
+    if not isinstance(cmap, dict):
+        raise DataFormatError(f"{path}: expected an object {{class: {{scan: [slices]}}}}")
+    ids = scan_ids if scan_ids is not None else list_scan_ids(data_dir)
+    want = {str(i) for i in ids}
+    for name in class_names:
+        if name not in cmap or not isinstance(cmap[name], dict):
+            raise DataFormatError(f"{path}: class '{name}' is missing; rebuild the class-slice index")
+        have = set(cmap[name])
+        if not want <= have:
+            raise DataFormatError(
+                f"{path}: stale index, scans {sorted(want - have, key=int)} are not listed for '{name}'; "
+                f"rebuild it with python -m data_preprocessing.class_slice_index")
+    on_disk = {str(i) for i in list_scan_ids(data_dir)}
+    extra = sorted({s for name in class_names for s in cmap[name]} - on_disk, key=int)
+    if extra:
+        raise DataFormatError(f"{path}: stale index, it lists scans {extra} that have no image file")
+    return cmap
