@@ -23,9 +23,10 @@ Description file keys (see ``dataloaders/datasets/*.json5`` and the README):
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import json5
 

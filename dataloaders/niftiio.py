@@ -20,9 +20,10 @@ import json
 import os
 import re
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
@@ -43,7 +44,7 @@ class Geometry:
     direction: tuple[float, ...]
 
     @classmethod
-    def of(cls, img: sitk.Image) -> "Geometry":
+    def of(cls, img: sitk.Image) -> Geometry:
         return cls(tuple(img.GetSpacing()), tuple(img.GetOrigin()), tuple(img.GetDirection()))
 
     def apply(self, img: sitk.Image) -> sitk.Image:
@@ -52,7 +53,7 @@ class Geometry:
         img.SetDirection(self.direction)
         return img
 
-    def mismatch(self, other: "Geometry", tol: float = 1e-4) -> str | None:
+    def mismatch(self, other: Geometry, tol: float = 1e-4) -> str | None:
         """Which field differs from ``other`` (relative tolerance on spacing, absolute in mm on origin)."""
         if not np.allclose(self.spacing, other.spacing, rtol=tol, atol=0):
             return f"spacing {other.spacing} != {self.spacing}"
