@@ -1,0 +1,175 @@
+"""The Sacred experiment shared by training.py and validation.py: default scope (the paper's setting), named configs.
+
+Keys keep the original's names (``dataset``, ``eval_fold``, ``label_sets``, ``exclude_cls_list``, ``support_idx``,
+``n_steps``, ``lr_milestones``, ``proto_grid_size``, ``val_wsize``, ``n_sup_part``, ``z_margin``, ``use_coco_init``,
+``reload_model_path``, ``path.log_dir``, ...), so ``with key=value`` habits carry over. Differences from the
+original are the fixes of SPEC section 11: ``dataset`` is a plain registry name (``CHAOST2``, ``SABS``, ``CMR``,
+``PHANTOM``, or a description file), ``min_fg_data`` defaults to 1 (Q10), ``n_steps`` is the exact number of
+optimiser steps (Q12), and the file observer is replaced, not appended, on every run (Q11).
+
+Usage::
+
+    python training.py with CHAOST2 setting2 label_sets=1 eval_fold=3
+    python validation.py with CHAOST2 setting2 label_sets=1 eval_fold=3 reload_model_path=<run>/snapshots/100000.pth
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sacred import Experiment
+from sacred.observers import FileStorageObserver
+from sacred.settings import SETTINGS
+
+from dataloaders.dataset_info import get_dataset_info
+
+SETTINGS.CAPTURE_MODE = "sys"  # tqdm-friendly console capture; "fd" breaks progress bars
+SETTINGS.DISCOVER_SOURCES = "dir"
+
+ex = Experiment("mySSL", save_git_info=False)
+
+
+@ex.config
+def cfg():
+    # ---------------------------------------------------------------- run
+    seed = 1234  # seeds Python, NumPy, torch (and every episode: episode i uses the generator (seed, i))
+    device = "auto"  # "auto" (CUDA when present), "cpu", "cuda", "cuda:1", ...
+    gpu_id = 0  # used when device == "auto" and CUDA is present
+    deterministic = False  # deterministic CUDA kernels (slower); CPU runs are deterministic anyway
+    num_workers = 4  # DataLoader workers for training episodes
+    exp_prefix = "myexp"
+    path = {"log_dir": "./runs"}  # observer root: <log_dir>/mySSL_<exp_str>/<n>/
+    use_file_observer = True  # attach one FileStorageObserver per run (replaced, never appended: Q11)
+    run_dir = None  # where snapshots/ and results.json go; default: the observer's run folder
+
+    # ---------------------------------------------------------------- data
+    dataset = "CHAOST2"  # registry name (CHAOST2, SABS, CMR/C0, PHANTOM) or a dataset description file
+    _info = get_dataset_info(dataset)  # fails at config time for an unknown dataset
+    data_dir = str(_info.data_dir)  # processed files (SPEC 2); defaults to the registry's folder
+    superpix_scale = "MIDDLE"
+    min_fg_data = 1  # class-slice index classmap_<min_fg_data>.json (the original's '100' was a bug, Q10)
+    input_size = (256, 256)
+    which_aug = "sabs_aug"  # "sabs_aug" | "aug_v3" | "none"
+    border_fill = "zero_normalised"  # affine border value: "zero_normalised" (original, Q17) | "min"
+    episode_sampling = "compact"  # "compact" (eligible slices, non-empty ids) | "legacy" (Q2/Q3 parity)
+    exclusion_rule = "any"  # setting-2 exclusion: "any" (leak-free) | "all" (leaky lineage variant, Q8)
+
+    # ---------------------------------------------------------------- task and protocol
+    eval_fold = 0  # fold of SPEC 9 (0..4)
+    label_sets = 0  # label group; test classes = eval classes - LABEL_GROUP[label_sets]
+    setting = 1  # 1: train on every slice; 2: drop training slices holding any test class
+    exclude_cls_list = list(_info.setting2_exclusion(label_sets)) if setting == 2 else []
+    support_idx = [-1]  # index into the held-out list; -1 = the fold's support scan (SPEC 9)
+    n_ways = 1
+    n_shots = 1  # support scans
+    n_queries = 1
+    n_sup_part = 3  # support slices per scan ("1-shot" = 3 slices, Q26); 1 = strict single slice
+    task = {"n_ways": n_ways, "n_shots": n_shots, "n_queries": n_queries, "npart": n_sup_part}
+    protocol = "ep1_alp"  # evaluation protocol of SPEC 8.5
+    z_margin = 0
+    val_wsize = 2  # ALP window at test time (feature pixels)
+    eval_classes = None  # override the classes to evaluate, e.g. [1, 2, 3, 4]; default: the group's test classes
+    eval_batch_size = 16  # query slices per forward pass at test time
+    save_predictions = True  # write interm_preds/scan_<id>_label_<c>.nii.gz
+    baseline = False  # also score the intensity baseline in validation.py
+
+    # ---------------------------------------------------------------- model
+    modelname = "dlfcn_res101"  # "dlfcn_res101" (paper) | "dlfcn_res50" | "lite_gn" (CPU demos)
+    clsname = "grid_proto"
+    use_coco_init = True  # torchvision COCO DeepLabV3 weights (cache or download); False: random init
+    backbone_weights = None  # local weights file for the encoder (no download needed)
+    reload_model_path = None  # checkpoint to evaluate (validation.py) or to start from (training.py)
+    proto_grid_size = 8  # training ALP window = feature_hw / proto_grid_size = 4
+    feature_hw = [32, 32]
+    usealign = True  # prototype-alignment loss (SPEC 6.3)
+    use_wce = True  # CE weights [0.05, 1.0]
+    build_unused_aspp = False  # Q7 parity export of the unused ASPP keys
+
+    # ---------------------------------------------------------------- optimisation (SPEC 7)
+    optim_type = "sgd"
+    optim = {"lr": 1e-3, "momentum": 0.9, "weight_decay": 5e-4}
+    n_steps = 100000  # optimiser steps (the original's 100100 loop gave ~100k, Q12)
+    lr_step_gamma = 0.95
+    lr_milestones = [(i + 1) * 1000 for i in range(n_steps // 1000 - 1)]
+    batch_size = 1  # episodes per step, each with its own prototypes
+    ignore_label = 255
+    save_snapshot_every = 25000
+    print_interval = 100
+    max_nonfinite_steps = 10  # abort after this many consecutive non-finite losses
+    resume = False  # continue from the latest snapshot in run_dir
+    amp = "off"  # "off" | "bf16" | "fp16" (mixed precision; off = the paper's fp32)
+    channels_last = False
+    compile = False  # torch.compile the encoder
+    sync_bn = False  # SyncBatchNorm under torchrun (DDP)
+
+
+@ex.named_config
+def CHAOST2():
+    """CHAOS-T2 abdominal MRI (support scan: the 5th of the held-out list, SPEC 9)."""
+    dataset = "CHAOST2"
+    support_idx = [4]
+
+
+@ex.named_config
+def SABS():
+    """Synapse (SABS) abdominal CT (support scan: the 7th of the held-out list)."""
+    dataset = "SABS"
+    support_idx = [6]
+
+
+@ex.named_config
+def CMR():
+    """MS-CMRSeg bSSFP cardiac MRI (project fold scheme, SPEC 3.4)."""
+    dataset = "CMR"
+    support_idx = [7]
+
+
+@ex.named_config
+def PHANTOM():
+    """The synthetic abdominal phantom (python -m data_preprocessing.phantom)."""
+    dataset = "PHANTOM"
+
+
+@ex.named_config
+def setting1():
+    """Setting 1: training sees every slice (test organs unlabelled)."""
+    setting = 1
+
+
+@ex.named_config
+def setting2():
+    """Setting 2: drop every training slice that holds any pixel of any test class."""
+    setting = 2
+
+
+@ex.named_config
+def demo():
+    """CPU demo on the phantom: light backbone, a few minutes of training."""
+    dataset = "PHANTOM"
+    device = "cpu"
+    modelname = "lite_gn"
+    use_coco_init = False
+    num_workers = 1
+    n_steps = 1500
+    lr_milestones = [1000]
+    lr_step_gamma = 0.1
+    optim = {"lr": 1e-2, "momentum": 0.9, "weight_decay": 5e-4}
+    save_snapshot_every = 500
+    print_interval = 50
+    eval_classes = [1, 2, 3, 4]
+    exp_prefix = "demo"
+
+
+@ex.config_hook
+def attach_observer(config: dict, command_name: str, logger) -> dict:
+    """Give each run exactly one file observer (replace, never append: a second in-process run must not pile up).
+
+    The folder is ``<path.log_dir>/mySSL_<exp_prefix>_<dataset>_sets_<label_sets>_<n_shots>shot`` (the original's
+    layout). Runs started with ``--unobserved`` ignore it; ``use_file_observer=False`` removes it.
+    """
+    ex.observers[:] = []
+    if config["use_file_observer"]:
+        exp_str = "_".join([config["exp_prefix"], get_dataset_info(config["dataset"]).name,
+                            f"sets_{config['label_sets']}", f"{config['n_shots']}shot"])
+        ex.observers[:] = [FileStorageObserver(str(Path(config["path"]["log_dir"]) / f"mySSL_{exp_str}"))]
+    return {}

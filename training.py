@@ -1,0 +1,229 @@
+"""Self-supervised training of ALPNet on superpixel episodes (SPEC 5-7).
+
+    python training.py with CHAOST2 setting2 label_sets=0 eval_fold=0
+    python training.py with demo run_dir=runs/demo            # CPU, a few minutes, on the phantom
+    torchrun --nproc_per_node=4 training.py with SABS          # several GPUs (DDP)
+
+The loop runs exactly ``n_steps`` optimiser steps. Episode i of the run is drawn from the generator (seed, i), so
+the data order does not depend on the worker count and a resumed run (``resume=True``) sees the episodes it would
+have seen. Checkpoints (atomic) hold model, optimizer, scheduler, step, config, RNG states and the normaliser.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from config_ssl_upload import ex
+from dataloaders.niftiio import write_json
+from util.run_setup import (
+    build_model,
+    build_training_dataset,
+    check_training_data,
+    resolve_device,
+    resolve_fold,
+    resolve_run_dir,
+    setup_distributed,
+)
+from util.checkpoint import latest_snapshot, load_checkpoint, save_checkpoint, snapshot_path
+from util.seeding import rng_state, seed_everything, set_deterministic, set_rng_state, worker_init_fn
+from models.losses import query_loss
+
+
+def load_train_log(run_dir: Path, start_step: int) -> dict[str, list[float]]:
+    """Per-step loss terms of this run so far (``train_log.json``), cut at ``start_step`` when resuming."""
+    path = run_dir / "train_log.json"
+    keys = ("loss", "query_loss", "align_loss")
+    if start_step == 0 or not path.is_file():
+        return {k: [] for k in keys}
+    log = json.loads(path.read_text())
+    return {k: list(log.get(k, []))[:start_step] for k in keys}
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive steps with a NaN/Inf loss."""
+
+
+class EpisodeIndexSampler(torch.utils.data.Sampler[int]):
+    """Yields the global episode indices of steps ``start_step .. n_steps - 1`` for one rank.
+
+    Step s of rank r (of ``world`` ranks) uses episodes ``(s * world + r) * batch_size + j``, j < batch_size.
+    """
+
+    def __init__(self, start_step: int, n_steps: int, batch_size: int, rank: int = 0, world: int = 1) -> None:
+        self.start_step, self.n_steps, self.batch_size = start_step, n_steps, batch_size
+        self.rank, self.world = rank, world
+
+    def __iter__(self):
+        for s in range(self.start_step, self.n_steps):
+            base = (s * self.world + self.rank) * self.batch_size
+            yield from range(base, base + self.batch_size)
+
+    def __len__(self) -> int:
+        return (self.n_steps - self.start_step) * self.batch_size
+
+
+def autocast_context(amp: str, device: torch.device):
+    """Mixed precision context for ``amp`` in {"off", "bf16", "fp16"}."""
+    if amp == "off":
+        return torch.autocast(device_type=device.type, enabled=False)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def train_step(model: torch.nn.Module, batch: dict[str, Any], optimizer: torch.optim.Optimizer,
+               scaler: torch.amp.GradScaler | None, device: torch.device, amp: str, use_wce: bool,
+               usealign: bool, ignore_label: int, channels_last: bool = False) -> dict[str, float]:
+    """One optimiser step on a batch of B episodes; returns the loss terms (``loss`` may be non-finite).
+
+    Args:
+        batch: ``support_images`` (B, S, 3, H, W), ``support_fg``/``support_bg`` (B, S, H, W),
+            ``query_images`` (B, Q, 3, H, W), ``query_labels`` (B, Q, H, W) int64.
+
+    A non-finite loss skips the update (no optimizer step, weights untouched); the caller counts it.
+    """
+    supp = batch["support_images"].to(device, non_blocking=True)
+    qry = batch["query_images"].to(device, non_blocking=True)
+    if channels_last:
+        supp = supp.contiguous(memory_format=torch.channels_last) if supp.dim() == 4 else supp
+    fg = batch["support_fg"].to(device, non_blocking=True)
+    bg = batch["support_bg"].to(device, non_blocking=True)
+    labels = batch["query_labels"].to(device, non_blocking=True)
+    optimizer.zero_grad(set_to_none=True)
+    with autocast_context(amp, device):
+        out = model(supp, fg, bg, qry, compute_align=usealign)
+    logits = out.logits.float().flatten(0, 1)  # (B*Q, 2, H, W)
+    q_loss = query_loss(logits, labels.flatten(0, 1), weighted=use_wce, ignore_index=ignore_label)
+    align_loss = out.align_loss.float() if usealign else torch.zeros((), device=device)
+    loss = q_loss + align_loss
+    terms = {"loss": float(loss.detach()), "query_loss": float(q_loss.detach()),
+             "align_loss": float(align_loss.detach())}
+    if not math.isfinite(terms["loss"]):
+        return terms
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+    return terms
+
+
+@ex.automain
+def train(_run, _config: dict, _log, seed: int, n_steps: int, batch_size: int, num_workers: int, optim: dict,
+         lr_milestones: list, lr_step_gamma: float, save_snapshot_every: int, print_interval: int, amp: str,
+         use_wce: bool, usealign: bool, ignore_label: int, max_nonfinite_steps: int, resume: bool,
+         reload_model_path: str | None, deterministic: bool, channels_last: bool, optim_type: str) -> dict:
+    # ------------------------------------------------------------------ setup
+    t_start = time.perf_counter()
+    dist = setup_distributed()
+    device = resolve_device(_config, dist)
+    seed_everything(seed + dist.rank)
+    set_deterministic(deterministic)
+    run_dir = resolve_run_dir(_run, _config)
+    is_main = dist.rank == 0
+    if is_main:
+        _log.info("run folder: %s | device: %s | world size: %d", run_dir, device, dist.world_size)
+
+    info, fold = resolve_fold(_config)
+    check_training_data(_config, info, fold)
+    dataset = build_training_dataset(_config, info, fold)
+    if is_main:
+        _log.info("dataset %s fold %d: train scans %s, held out %s; %s", info.name, fold.index, list(fold.train),
+                  list(fold.held_out), dataset.describe())
+
+    model = build_model(_config, device, for_training=True)
+    if optim_type != "sgd":
+        raise ValueError(f"optim_type={optim_type!r}: only 'sgd' (the paper's optimiser) is implemented")
+    optimizer = torch.optim.SGD(model.parameters(), lr=optim["lr"], momentum=optim["momentum"],
+                                weight_decay=optim["weight_decay"])
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(lr_milestones), gamma=lr_step_gamma)
+    scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
+
+    # ------------------------------------------------------------------ resume / warm start
+    start_step = 0
+    resume_from = latest_snapshot(run_dir) if resume else None
+    if resume and resume_from is None:
+        _log.warning("resume=True but %s has no snapshot: starting from step 0", run_dir / "snapshots")
+    if resume_from is not None:
+        ckpt = load_checkpoint(resume_from, map_location=device)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        if scaler is not None and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        set_rng_state(ckpt["rng"])
+        start_step = int(ckpt["step"])
+        _log.info("resumed from %s at step %d", resume_from, start_step)
+    elif reload_model_path:
+        from models.weights import load_original_checkpoint
+
+        load_original_checkpoint(model, reload_model_path)
+        _log.info("initialised the model from %s", reload_model_path)
+
+    ddp_model = dist.wrap(model, _config)
+
+    # ------------------------------------------------------------------ loop
+    sampler = EpisodeIndexSampler(start_step, n_steps, batch_size, dist.rank, dist.world_size)
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                        worker_init_fn=worker_init_fn, pin_memory=device.type == "cuda", drop_last=True,
+                        persistent_workers=False)
+    model.train()
+    consecutive_bad, skipped = 0, 0
+    history = load_train_log(run_dir, start_step)
+    bar = tqdm(loader, total=n_steps - start_step, initial=0, desc="train", disable=not is_main,
+               dynamic_ncols=True, mininterval=1.0)
+    step = start_step
+    for batch in bar:
+        terms = train_step(ddp_model, batch, optimizer, scaler, device, amp, use_wce, usealign, ignore_label,
+                           channels_last)
+        if not math.isfinite(terms["loss"]):
+            consecutive_bad += 1
+            skipped += 1
+            _log.warning("step %d: non-finite loss %s, update skipped (episodes: scan %s, slice %s, superpixel %s)",
+                         step + 1, terms["loss"], batch["scan_id"].tolist(), batch["z_id"].tolist(),
+                         batch["superpix_id"].tolist())
+            if consecutive_bad >= max_nonfinite_steps:
+                raise NonFiniteLossError(
+                    f"{consecutive_bad} consecutive steps with a non-finite loss (last at step {step + 1}); "
+                    f"lower optim.lr, check the data, or try amp='off'")
+        else:
+            consecutive_bad = 0
+        scheduler.step()
+        step += 1
+        if is_main:
+            for key, value in terms.items():
+                history[key].append(value)
+            for key, value in terms.items():
+                _run.log_scalar(f"train.{key}", value, step)
+            bar.set_postfix(loss=f"{terms['loss']:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", refresh=False)
+            if step % print_interval == 0:
+                recent = history["loss"][-print_interval:]
+                _log.info("step %d: mean loss %.4f over the last %d steps", step, sum(recent) / len(recent),
+                          len(recent))
+            if step % save_snapshot_every == 0 or step == n_steps:
+                save_checkpoint({
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
+                    "step": step, "config": dict(_config), "rng": rng_state(),
+                    "normalizer": dataset.normalizer.to_dict(),
+                    "fold": {"index": fold.index, "queries": list(fold.queries), "support": list(fold.support),
+                             "train": list(fold.train)},
+                }, snapshot_path(run_dir, step))
+                write_json(history, run_dir / "train_log.json", indent=None)
+    bar.close()
+    dist.cleanup()
+    elapsed = time.perf_counter() - t_start
+    final = str(snapshot_path(run_dir, n_steps))
+    if is_main:
+        _log.info("done: %d steps in %.1f s, %d skipped; final checkpoint %s", n_steps - start_step, elapsed,
+                  skipped, final)
+    return {"final_checkpoint": final, "steps": step, "skipped_steps": skipped, "elapsed_s": elapsed}

@@ -1,0 +1,81 @@
+"""Checkpoints: atomic save, checked load, and finding the latest snapshot of a run.
+
+A checkpoint is a dict ``{"model", "optimizer", "scheduler", "step", "config", "rng", "normalizer", "fold"}``;
+``model`` alone is a plain state dict with the original's key names (``encoder.backbone.*``,
+``encoder.localconv.weight``), so ``torch.load(path)["model"]`` loads into the original code too, and a plain
+state dict written by the original is accepted wherever a checkpoint is (SPEC 6.1).
+Snapshots are ``<run_dir>/snapshots/<step>.pth`` with step = number of optimiser steps done (the original's
+25000, 50000, ...).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SNAPSHOT_PATTERN = re.compile(r"^(\d+)\.pth$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, corrupt or does not fit the model; the message names the file."""
+
+
+def save_checkpoint(obj: dict[str, Any], path: str | Path) -> Path:
+    """Write ``obj`` with ``torch.save`` to a temporary name in the same folder, fsync, then rename.
+
+    A crash (even SIGKILL) during the write leaves the previous file, never a truncated one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint (or a plain state dict, returned as ``{"model": sd}``).
+
+    Raises:
+        CheckpointError: file missing, unreadable or not a checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
+        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path}: corrupt or not a PyTorch checkpoint ({msg})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a dict, got {type(obj).__name__}")
+    if "model" not in obj:
+        if all(isinstance(v, torch.Tensor) for v in obj.values()):
+            return {"model": obj}
+        raise CheckpointError(f"{path}: neither a checkpoint (no 'model' entry) nor a plain state dict")
+    return obj
+
+
+def snapshot_path(run_dir: str | Path, step: int) -> Path:
+    return Path(run_dir) / "snapshots" / f"{step}.pth"
+
+
+def latest_snapshot(run_dir: str | Path) -> Path | None:
+    """The snapshot with the highest step in ``<run_dir>/snapshots``, or ``None``."""
+    folder = Path(run_dir) / "snapshots"
+    if not folder.is_dir():
+        return None
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := SNAPSHOT_PATTERN.match(p.name))]
+    return max(found)[1] if found else None
