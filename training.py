@@ -23,6 +23,8 @@ from tqdm import tqdm
 
 from config_ssl_upload import ex
 from dataloaders.niftiio import write_json
+from models.losses import query_loss
+from util.checkpoint import latest_snapshot, load_checkpoint, save_checkpoint, snapshot_path
 from util.run_setup import (
     build_model,
     build_training_dataset,
@@ -32,9 +34,7 @@ from util.run_setup import (
     resolve_run_dir,
     setup_distributed,
 )
-from util.checkpoint import latest_snapshot, load_checkpoint, save_checkpoint, snapshot_path
 from util.seeding import rng_state, seed_everything, set_deterministic, set_rng_state, worker_init_fn
-from models.losses import query_loss
 
 
 def load_train_log(run_dir: Path, start_step: int) -> dict[str, list[float]]:
@@ -138,7 +138,7 @@ def train(_run, _config: dict, _log, seed: int, n_steps: int, batch_size: int, n
     dataset = build_training_dataset(_config, info, fold)
     if is_main:
         _log.info("dataset %s fold %d: train scans %s, held out %s; %s", info.name, fold.index, list(fold.train),
-                  list(fold.held_out), dataset.describe())
+                  list(fold.held_out), dataset.training_statistics())
 
     model = build_model(_config, device, for_training=True)
     if optim_type != "sgd":

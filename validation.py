@@ -15,10 +15,11 @@ import time
 from typing import Any
 
 import numpy as np
+
 from config_ssl_upload import ex
 from dataloaders import niftiio
 from dataloaders.manual_anno_dataset import load_annotated_scans
-from dataloaders.normalization import Normalizer, normalizer_for_fold
+from dataloaders.normalization import Normalizer, normalizer_from_scans
 from util.checkpoint import load_checkpoint
 from util.inference import FastPredictor
 from util.protocol import evaluate_fold
@@ -88,9 +89,11 @@ def validate(_run, _config: dict, _log, seed: int, reload_model_path: str | None
     if ckpt.get("normalizer"):
         normalizer = Normalizer.from_dict(ckpt["normalizer"])
     else:  # a plain state dict: recompute CT statistics from the fold's training scans (Q16)
-        normalizer = normalizer_for_fold(_config["data_dir"], info, list(fold.train))
+        normalizer = normalizer_from_scans(_config["data_dir"], info.modality, list(fold.train))
     scan_ids = list(dict.fromkeys(fold.queries + fold.support))
-    images, labels, geometry = load_annotated_scans(_config["data_dir"], info, scan_ids, normalizer)
+    scans = load_annotated_scans(_config["data_dir"], info, scan_ids, normalizer,
+                                 input_size=int(_config["input_size"][0]))
+    images, labels, geometry = scans.images, scans.labels, scans.geometry
     for sid in fold.support:
         present = [c for c in classes if not np.any(labels[sid] == c)]
         if present:

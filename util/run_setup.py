@@ -21,7 +21,7 @@ class ConfigError(ValueError):
 
 
 # ---------------------------------------------------------------------- device and folders
-def resolve_device(config: dict[str, Any], dist: "DistContext | None" = None) -> torch.device:
+def resolve_device(config: dict[str, Any], dist: DistContext | None = None) -> torch.device:
     """``device`` key: "auto" picks CUDA (``gpu_id``, or the local rank under torchrun) when present, else CPU."""
     name = config["device"]
     if name == "auto":
@@ -99,17 +99,26 @@ def check_training_data(config: dict[str, Any], info: DatasetInfo, fold: Fold) -
 
 def build_training_dataset(config: dict[str, Any], info: DatasetInfo, fold: Fold):
     """The superpixel episode dataset over the fold's training scans (SPEC 5)."""
-    from dataloaders.augmentations import get_aug_params
+    import dataclasses
+
+    from dataloaders.augmentations import PRESETS
     from dataloaders.superpixel_dataset import SuperpixelEpisodeDataset
 
+    name = "identity" if config["which_aug"] == "none" else config["which_aug"]
+    if name not in PRESETS:
+        raise ConfigError(f"which_aug={config['which_aug']!r}: choose one of {sorted(PRESETS)} or 'none'")
+    aug = dataclasses.replace(PRESETS[name], border_fill=config["border_fill"])
+    size = tuple(config["input_size"])
+    if len(size) != 2 or size[0] != size[1]:
+        raise ConfigError(f"input_size={list(size)}: only square inputs are supported")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     return SuperpixelEpisodeDataset(
         data_dir=config["data_dir"], info=info, scan_ids=list(fold.train),
         exclude_classes=list(config["exclude_cls_list"]), exclusion_rule=config["exclusion_rule"],
         superpix_scale=config["superpix_scale"], min_fg=config["min_fg_data"],
-        n_episodes=config["n_steps"] * config["batch_size"] * max(1, int(os.environ.get("WORLD_SIZE", "1"))),
-        seed=config["seed"], aug=get_aug_params(config["which_aug"], border_fill=config["border_fill"]),
+        n_episodes=config["n_steps"] * config["batch_size"] * world, seed=config["seed"], aug=aug,
         episode_sampling=config["episode_sampling"], n_shots=1, n_queries=config["n_queries"],
-        input_size=tuple(config["input_size"]),
+        input_size=int(size[0]),
     )
 
 

@@ -1,0 +1,243 @@
+"""Episode augmentation: the original's ``sabs_aug`` preset (SPEC 5.3), re-implemented with an explicit RNG.
+
+One call augments one slice and its label map together:
+
+1. flips (implemented, all off in both presets), each with probability ``flip_p``;
+2. one affine matrix composed rotate -> translate -> shear -> zoom (rotation and zoom about the image centre),
+   applied with ``cv2.warpAffine``, bilinear, constant border (Q17: 0 in normalised units, i.e. the mean
+   intensity, as in the original; ``border_fill="min"`` fills the image with its minimum instead);
+3. an elastic field: ``dx, dy ~ U(-1, 1)`` per pixel, ``cv2.GaussianBlur`` (sigma 5, 21x21), times ``alpha`` pixels,
+   resampled with ``scipy.ndimage.map_coordinates`` (order 1, mode ``'reflect'``); same field for image and labels;
+4. labels travel as one-hot channels, are rounded (``rint``) and turned back into ids by ``argmax``;
+5. gamma on the image only: ``gamma ~ U(g0, g1)`` applied to min-max-scaled intensities, range restored.
+
+Every random number comes from the ``np.random.Generator`` passed in (Q5), drawn in a fixed order: flips, affine
+(rotation, tx, ty, shear, zoom), elastic (dx noise, dy noise), gamma. A step whose parameters make it the identity
+draws nothing. The parameters follow the original's ``dataloaders/augutils.py`` (augmentation credited there to
+J. Schlemper); the code is written from SPEC 5.3.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import cv2
+import numpy as np
+from scipy.ndimage import map_coordinates
+
+BorderFill = Literal["zero_normalised", "min"]
+
+
+@dataclass(frozen=True)
+class AugParams:
+    """Parameters of one augmentation preset (defaults: the original's ``sabs_aug``).
+
+    Attributes:
+        flip_ud: flip rows (axis 0) with probability ``flip_p``; off in both presets.
+        flip_lr: flip columns (axis 1) with probability ``flip_p``; off in both presets.
+        transpose: swap the two axes with probability ``flip_p`` (square images only); off in both presets.
+        flip_p: probability of each enabled flip.
+        rotate_deg: rotation drawn from U(-rotate_deg, rotate_deg) degrees, about the image centre.
+        shift_px: translation per axis drawn from U(-shift_px, shift_px) pixels.
+        shear_deg: shear angle t drawn from U(-shear_deg, shear_deg); matrix [[1, -sin t, 0], [0, cos t, 0]].
+        scale: isotropic zoom drawn from U(scale[0], scale[1]), about the image centre.
+        elastic_alpha: displacement magnitude in pixels (0 turns the elastic step off).
+        elastic_sigma: standard deviation of the Gaussian blur of the noise fields, in pixels.
+        elastic_kernel: blur kernel size (odd); the original uses ``int(4 * sigma) | 1`` = 21.
+        gamma: (low, high) range of the gamma exponent, or ``None`` for no gamma step.
+        border_fill: affine border value of the image: ``"zero_normalised"`` (0, the original, Q17) or ``"min"``.
+    """
+
+    flip_ud: bool = False
+    flip_lr: bool = False
+    transpose: bool = False
+    flip_p: float = 0.25
+    rotate_deg: float = 5.0
+    shift_px: float = 5.0
+    shear_deg: float = 5.0
+    scale: tuple[float, float] = (0.9, 1.2)
+    elastic_alpha: float = 10.0
+    elastic_sigma: float = 5.0
+    elastic_kernel: int = 21
+    gamma: tuple[float, float] | None = (0.5, 1.5)
+    border_fill: BorderFill = "zero_normalised"
+
+    def __post_init__(self) -> None:
+        if self.border_fill not in ("zero_normalised", "min"):
+            raise ValueError(f"border_fill must be 'zero_normalised' or 'min', got {self.border_fill!r}")
+        if self.elastic_kernel < 1 or self.elastic_kernel % 2 == 0:
+            raise ValueError(f"elastic_kernel must be a positive odd size, got {self.elastic_kernel}")
+        if self.scale[0] <= 0 or self.scale[0] > self.scale[1]:
+            raise ValueError(f"scale must be (low, high) with 0 < low <= high, got {self.scale}")
+        if self.gamma is not None and (self.gamma[0] <= 0 or self.gamma[0] > self.gamma[1]):
+            raise ValueError(f"gamma must be (low, high) with 0 < low <= high, got {self.gamma}")
+
+    @property
+    def has_affine(self) -> bool:
+        return bool(self.rotate_deg or self.shift_px or self.shear_deg or self.scale != (1.0, 1.0))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (for configs and checkpoints)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> AugParams:
+        """Inverse of :meth:`to_dict`; unknown keys raise ``TypeError`` naming them."""
+        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise TypeError(f"unknown augmentation parameters {unknown}")
+        d = dict(d)
+        for key in ("scale", "gamma"):
+            if d.get(key) is not None:
+                d[key] = tuple(d[key])
+        return cls(**d)
+
+
+#: The original's ``sabs_aug`` (used for CT and MR).
+SABS_AUG = AugParams()
+#: The original's unused, more aggressive ``aug_v3`` (``sabs_augv3``).
+AUG_V3 = AugParams(rotate_deg=30.0, shift_px=30.0, shear_deg=30.0, scale=(0.8, 1.3), elastic_alpha=20.0,
+                   elastic_sigma=5.0, gamma=(0.2, 1.8))
+#: No augmentation at all: every step is the identity and no random number is drawn.
+IDENTITY = AugParams(flip_p=0.0, rotate_deg=0.0, shift_px=0.0, shear_deg=0.0, scale=(1.0, 1.0), elastic_alpha=0.0,
+                     gamma=None)
+
+PRESETS: dict[str, AugParams] = {"sabs_aug": SABS_AUG, "aug_v3": AUG_V3, "identity": IDENTITY}
+
+
+def get_preset(name: str) -> AugParams:
+    """Look a preset up by name (``sabs_aug``, ``aug_v3``, ``identity``)."""
+    if name not in PRESETS:
+        raise KeyError(f"unknown augmentation preset {name!r}; known: {sorted(PRESETS)}")
+    return PRESETS[name]
+
+
+# -------------------------------------------------------------------- affine
+def affine_matrix(shape: tuple[int, int], rotate_deg: float, tx: float, ty: float, shear_deg: float,
+                  zoom: float) -> np.ndarray:
+    """The forward 2x3 matrix (output = M @ [x, y, 1]) of rotate -> translate -> shear -> zoom.
+
+    Args:
+        shape: image shape ``(H, W)``; rotation and zoom are about its centre ``((W-1)/2, (H-1)/2)``.
+        rotate_deg: rotation in degrees (OpenCV sign convention: positive is counter-clockwise on screen).
+        tx, ty: translation in pixels along x (columns) and y (rows).
+        shear_deg: shear angle t; the shear matrix is [[1, -sin t, 0], [0, cos t, 0]] (about the origin).
+        zoom: isotropic scale factor.
+
+    Returns:
+        (2, 3) float64 matrix for ``cv2.warpAffine`` (without ``WARP_INVERSE_MAP``).
+    """
+    h, w = shape
+    centre = ((w - 1) / 2.0, (h - 1) / 2.0)
+    rot = np.vstack([cv2.getRotationMatrix2D(centre, float(rotate_deg), 1.0), [0.0, 0.0, 1.0]])
+    shift = np.array([[1.0, 0.0, tx], [0.0, 1.0, ty], [0.0, 0.0, 1.0]])
+    t = math.radians(shear_deg)
+    shear = np.array([[1.0, -math.sin(t), 0.0], [0.0, math.cos(t), 0.0], [0.0, 0.0, 1.0]])
+    scale = np.vstack([cv2.getRotationMatrix2D(centre, 0.0, float(zoom)), [0.0, 0.0, 1.0]])
+    return (scale @ shear @ shift @ rot)[:2]
+
+
+def warp_affine(channels: np.ndarray, matrix: np.ndarray, border_values: list[float]) -> np.ndarray:
+    """Warp each channel of ``(C, H, W)`` float32 with one 2x3 matrix (bilinear, constant border per channel)."""
+    c, h, w = channels.shape
+    out = np.empty_like(channels)
+    for i in range(c):
+        out[i] = cv2.warpAffine(channels[i], matrix, (w, h), flags=cv2.INTER_LINEAR,
+                                borderMode=cv2.BORDER_CONSTANT, borderValue=float(border_values[i]))
+    return out
+
+
+# -------------------------------------------------------------------- elastic
+def elastic_field(shape: tuple[int, int], alpha: float, sigma: float, kernel: int,
+                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Smooth random displacement fields ``(drow, dcol)``, each ``(H, W)`` float64, in pixels.
+
+    Draws the row noise first, then the column noise, each ``U(-1, 1)`` per pixel.
+    """
+    drow = cv2.GaussianBlur(rng.uniform(-1.0, 1.0, size=shape), (kernel, kernel), sigma) * alpha
+    dcol = cv2.GaussianBlur(rng.uniform(-1.0, 1.0, size=shape), (kernel, kernel), sigma) * alpha
+    return drow, dcol
+
+
+def warp_elastic(channels: np.ndarray, drow: np.ndarray, dcol: np.ndarray) -> np.ndarray:
+    """Resample each channel of ``(C, H, W)`` at ``(row + drow, col + dcol)`` (linear, mode ``'reflect'``)."""
+    _, h, w = channels.shape
+    rows, cols = np.meshgrid(np.arange(h, dtype=np.float64), np.arange(w, dtype=np.float64), indexing="ij")
+    coords = np.stack([rows + drow, cols + dcol])
+    out = np.empty_like(channels)
+    for i in range(channels.shape[0]):
+        out[i] = map_coordinates(channels[i], coords, order=1, mode="reflect")
+    return out
+
+
+# -------------------------------------------------------------------- gamma
+def gamma_transform(image: np.ndarray, gamma: float) -> np.ndarray:
+    """``min + range * ((x - min) / range) ** gamma``: min and max stay where they were (constant image unchanged).
+
+    Args:
+        image: ``(H, W)`` float array.
+    """
+    lo, hi = float(image.min()), float(image.max())
+    if hi <= lo:
+        return image.copy()
+    scaled = (image - lo) / (hi - lo)
+    return (np.power(scaled, gamma) * (hi - lo) + lo).astype(image.dtype, copy=False)
+
+
+# -------------------------------------------------------------------- the preset
+def augment(image: np.ndarray, label: np.ndarray, params: AugParams, rng: np.random.Generator,
+            n_classes: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Augment one slice and its label map together (SPEC 5.3).
+
+    Args:
+        image: ``(H, W)`` float image (normalised units).
+        label: ``(H, W)`` integer (or bool) label map with values in ``0 .. n_classes-1``; binary for episodes.
+        params: the preset.
+        rng: the only source of randomness.
+        n_classes: number of one-hot label channels.
+
+    Returns:
+        ``(image, label)``: ``(H, W)`` float32 and ``(H, W)`` int64 with values in ``0 .. n_classes-1``.
+    """
+    if image.ndim != 2 or label.shape != image.shape:
+        raise ValueError(f"augment expects image (H, W) and label of the same shape, got {image.shape}, {label.shape}")
+    lab = label.astype(np.int64, copy=False)
+    if lab.size and (lab.min() < 0 or lab.max() >= n_classes):
+        raise ValueError(f"label values must lie in 0..{n_classes - 1}, got {lab.min()}..{lab.max()}")
+    # channel 0 = image, channels 1.. = one-hot labels
+    stack = np.empty((1 + n_classes,) + image.shape, dtype=np.float32)
+    stack[0] = image
+    stack[1:] = lab[None] == np.arange(n_classes)[:, None, None]
+
+    if params.flip_ud and rng.random() < params.flip_p:
+        stack = stack[:, ::-1, :]
+    if params.flip_lr and rng.random() < params.flip_p:
+        stack = stack[:, :, ::-1]
+    if params.transpose and rng.random() < params.flip_p:
+        if image.shape[0] != image.shape[1]:
+            raise ValueError(f"transpose augmentation needs a square image, got {image.shape}")
+        stack = stack.transpose(0, 2, 1)
+    stack = np.ascontiguousarray(stack)
+
+    if params.has_affine:
+        rot = rng.uniform(-params.rotate_deg, params.rotate_deg)
+        tx = rng.uniform(-params.shift_px, params.shift_px)
+        ty = rng.uniform(-params.shift_px, params.shift_px)
+        shear = rng.uniform(-params.shear_deg, params.shear_deg)
+        zoom = rng.uniform(params.scale[0], params.scale[1])
+        matrix = affine_matrix(stack.shape[1:], rot, tx, ty, shear, zoom)
+        fill = float(stack[0].min()) if params.border_fill == "min" else 0.0
+        stack = warp_affine(stack, matrix, [fill] + [0.0] * n_classes)
+
+    if params.elastic_alpha:
+        drow, dcol = elastic_field(stack.shape[1:], params.elastic_alpha, params.elastic_sigma,
+                                   params.elastic_kernel, rng)
+        stack = warp_elastic(stack, drow, dcol)
+
+    out_label = np.argmax(np.rint(stack[1:]), axis=0).astype(np.int64)
+    out_image = stack[0]
+    if params.gamma is not None:
+        out_image = gamma_transform(out_image, rng.uniform(params.gamma[0], params.gamma[1]))
+    return out_image.astype(np.float32, copy=False), out_label

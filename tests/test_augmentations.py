@@ -1,0 +1,153 @@
+"""Episode augmentation: determinism, shapes, binary masks, hand-checked affine/elastic/gamma steps."""
+
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from dataloaders import augmentations as A
+
+
+def _slice(h: int = 48, w: int = 48) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(7)
+    image = rng.normal(size=(h, w)).astype(np.float32)
+    label = np.zeros((h, w), np.int64)
+    label[14:30, 10:34] = 1
+    return image, label
+
+
+def test_presets_match_spec() -> None:
+    s = A.get_preset("sabs_aug")
+    assert (s.rotate_deg, s.shift_px, s.shear_deg, s.scale) == (5.0, 5.0, 5.0, (0.9, 1.2))
+    assert (s.elastic_alpha, s.elastic_sigma, s.elastic_kernel, s.gamma) == (10.0, 5.0, 21, (0.5, 1.5))
+    assert not (s.flip_ud or s.flip_lr or s.transpose) and s.border_fill == "zero_normalised"
+    v3 = A.get_preset("aug_v3")
+    assert (v3.rotate_deg, v3.shift_px, v3.shear_deg, v3.scale, v3.elastic_alpha, v3.gamma) == (
+        30.0, 30.0, 30.0, (0.8, 1.3), 20.0, (0.2, 1.8))
+    assert A.AugParams.from_dict(v3.to_dict()) == v3
+    with pytest.raises(KeyError, match="unknown augmentation preset"):
+        A.get_preset("sabs")
+    with pytest.raises(TypeError, match="rotate"):
+        A.AugParams.from_dict({"rotate": 5})
+    with pytest.raises(ValueError, match="border_fill"):
+        A.AugParams(border_fill="mean")
+
+
+def test_fixed_rng_is_deterministic_and_seed_matters() -> None:
+    image, label = _slice()
+    a = A.augment(image, label, A.SABS_AUG, np.random.default_rng(3))
+    b = A.augment(image, label, A.SABS_AUG, np.random.default_rng(3))
+    c = A.augment(image, label, A.SABS_AUG, np.random.default_rng(4))
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    assert not np.array_equal(a[0], c[0])
+
+
+def test_shapes_dtypes_binary_mask() -> None:
+    image, label = _slice(40, 56)
+    rng = np.random.default_rng(0)
+    for params in (A.SABS_AUG, A.AUG_V3, replace(A.SABS_AUG, border_fill="min")):
+        out_img, out_lab = A.augment(image, label, params, rng)
+        assert out_img.shape == (40, 56) and out_img.dtype == np.float32
+        assert out_lab.shape == (40, 56) and out_lab.dtype == np.int64
+        assert set(np.unique(out_lab)) <= {0, 1}
+        # a 16x24 block under +-5 deg, +-5 px, zoom 0.9..1.2 keeps most of its area and stays a block
+        assert 0.5 * label.sum() < out_lab.sum() < 2.0 * label.sum()
+    lab3 = label.copy()
+    lab3[32:40, 30:40] = 2
+    _, out3 = A.augment(image, lab3, A.SABS_AUG, rng, n_classes=3)
+    assert set(np.unique(out3)) == {0, 1, 2}
+    with pytest.raises(ValueError, match="label values"):
+        A.augment(image, lab3, A.SABS_AUG, rng, n_classes=2)
+
+
+def test_identity_preset_returns_input_and_draws_nothing() -> None:
+    image, label = _slice()
+    rng = np.random.default_rng(5)
+    before = rng.bit_generator.state
+    out_img, out_lab = A.augment(image, label, A.IDENTITY, rng)
+    assert np.array_equal(out_img, image) and np.array_equal(out_lab, label)
+    assert rng.bit_generator.state == before
+
+
+def test_affine_matrix_by_hand() -> None:
+    assert np.allclose(A.affine_matrix((9, 9), 0, 0, 0, 0, 1.0), [[1, 0, 0], [0, 1, 0]])
+    t = math.radians(4.0)
+    assert np.allclose(A.affine_matrix((9, 9), 0, 0, 0, 4.0, 1.0), [[1, -math.sin(t), 0], [0, math.cos(t), 0]])
+    # zoom 2 about the centre (4, 4): x -> 2x - 4
+    assert np.allclose(A.affine_matrix((9, 9), 0, 0, 0, 0, 2.0), [[2, 0, -4], [0, 2, -4]])
+    # rotate then translate: the translation is not rotated
+    m = A.affine_matrix((9, 9), 90.0, 2.0, 0.0, 0.0, 1.0)
+    assert np.allclose(m @ [4, 4, 1], [6, 4])
+
+
+def test_warp_identity_translation_rotation() -> None:
+    image, _ = _slice(16, 16)
+    ident = A.warp_affine(image[None], A.affine_matrix((16, 16), 0, 0, 0, 0, 1.0), [0.0])[0]
+    assert np.allclose(ident, image, atol=1e-5)
+    shifted = A.warp_affine(image[None], A.affine_matrix((16, 16), 0, 3.0, 0, 0, 1.0), [-9.0])[0]
+    assert np.allclose(shifted[:, 3:], image[:, :-3], atol=1e-5)
+    assert np.all(shifted[:, :3] == -9.0)  # constant border value
+    rot = A.warp_affine(image[None], A.affine_matrix((16, 16), 90.0, 0, 0, 0, 1.0), [0.0])[0]
+    assert np.allclose(rot, np.rot90(image), atol=1e-4)
+
+
+def test_border_fill_zero_vs_min() -> None:
+    image, label = _slice()
+    image = image + 10.0  # all values far from 0
+    big_shift = A.AugParams(rotate_deg=0, shift_px=0, shear_deg=0, scale=(0.5, 0.5), elastic_alpha=0, gamma=None)
+    zero_img, zero_lab = A.augment(image, label, big_shift, np.random.default_rng(0))
+    min_img, _ = A.augment(image, label, replace(big_shift, border_fill="min"), np.random.default_rng(0))
+    assert zero_img[0, 0] == 0.0 and min_img[0, 0] == pytest.approx(image.min())
+    assert zero_lab[0, 0] == 0  # both one-hot channels are 0 there: argmax of a tie is background
+
+
+def test_elastic_alpha_zero_is_identity_and_field_is_smooth() -> None:
+    image, label = _slice()
+    only_elastic0 = replace(A.IDENTITY, elastic_alpha=0.0)
+    out_img, out_lab = A.augment(image, label, only_elastic0, np.random.default_rng(1))
+    assert np.array_equal(out_img, image) and np.array_equal(out_lab, label)
+    zero = np.zeros(image.shape)
+    assert np.array_equal(A.warp_elastic(image[None], zero, zero)[0], image)
+    drow, dcol = A.elastic_field((64, 64), 10.0, 5.0, 21, np.random.default_rng(2))
+    assert drow.shape == (64, 64) and np.abs(drow).max() < 10.0 and np.abs(dcol).max() < 10.0
+    # blurred noise: neighbouring displacements are far more alike than independent U(-1, 1) draws would be
+    assert np.abs(np.diff(drow, axis=1)).mean() < 0.2 * np.abs(drow).mean() + 1e-9
+    # a constant shift field moves content by whole pixels (mode 'reflect' at the edge)
+    moved = A.warp_elastic(image[None], zero, np.full(image.shape, 2.0))[0]
+    assert np.allclose(moved[:, :-2], image[:, 2:])
+
+
+def test_elastic_same_field_for_image_and_label() -> None:
+    image = np.zeros((48, 48), np.float32)
+    image[14:30, 10:34] = 1.0
+    _, label = _slice()
+    only_elastic = replace(A.IDENTITY, elastic_alpha=10.0)
+    out_img, out_lab = A.augment(image, label, only_elastic, np.random.default_rng(9))
+    assert np.array_equal(out_lab, (np.rint(out_img) > 0).astype(np.int64))
+    assert not np.array_equal(out_lab, label)
+
+
+def test_gamma_keeps_range_and_image_only() -> None:
+    image, label = _slice()
+    g = A.gamma_transform(image, 0.6)
+    assert g.min() == pytest.approx(image.min(), abs=1e-6) and g.max() == pytest.approx(image.max(), abs=1e-6)
+    assert np.allclose(A.gamma_transform(image, 1.0), image, atol=1e-6)
+    x = np.array([[1.0, 2.0, 3.0]], np.float32)  # scaled 0, 0.5, 1 -> 0, 0.25, 1 -> 1, 1.5, 3
+    assert np.allclose(A.gamma_transform(x, 2.0), [[1.0, 1.5, 3.0]])
+    assert np.array_equal(A.gamma_transform(np.full((3, 3), 4.0, np.float32), 0.7), np.full((3, 3), 4.0))
+    only_gamma = replace(A.IDENTITY, gamma=(0.5, 1.5))
+    out_img, out_lab = A.augment(image, label, only_gamma, np.random.default_rng(0))
+    assert np.array_equal(out_lab, label)
+    assert out_img.min() == pytest.approx(image.min(), abs=1e-5) and out_img.max() == pytest.approx(image.max())
+    assert not np.allclose(out_img, image)
+
+
+def test_flips_when_enabled() -> None:
+    image, label = _slice()
+    always = replace(A.IDENTITY, flip_ud=True, flip_lr=True, flip_p=1.0)
+    out_img, out_lab = A.augment(image, label, always, np.random.default_rng(0))
+    assert np.array_equal(out_img, image[::-1, ::-1]) and np.array_equal(out_lab, label[::-1, ::-1])
+    with pytest.raises(ValueError, match="square"):
+        A.augment(image[:, :40], label[:, :40], replace(A.IDENTITY, transpose=True, flip_p=1.0),
+                  np.random.default_rng(0))
