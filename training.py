@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from config_ssl_upload import ex
 from dataloaders.niftiio import write_json
-from models.losses import query_loss
+from models.losses import QUERY_CLASS_WEIGHTS, query_loss
 from util.checkpoint import latest_snapshot, load_checkpoint, save_checkpoint, snapshot_path
 from util.run_setup import (
     build_model,
@@ -99,8 +99,9 @@ def train_step(model: torch.nn.Module, batch: dict[str, Any], optimizer: torch.o
     optimizer.zero_grad(set_to_none=True)
     with autocast_context(amp, device):
         out = model(supp, fg, bg, qry, compute_align=usealign)
-    logits = out.logits.float().flatten(0, 1)  # (B*Q, 2, H, W)
-    q_loss = query_loss(logits, labels.flatten(0, 1), weighted=use_wce, ignore_index=ignore_label)
+    logits = out.logits.float()  # (B*Q, 2, H, W), episode-major
+    q_loss = query_loss(logits, labels.flatten(0, 1), class_weights=QUERY_CLASS_WEIGHTS if use_wce else None,
+                        ignore_index=ignore_label)
     align_loss = out.align_loss.float() if usealign else torch.zeros((), device=device)
     loss = q_loss + align_loss
     terms = {"loss": float(loss.detach()), "query_loss": float(q_loss.detach()),
@@ -121,7 +122,8 @@ def train_step(model: torch.nn.Module, batch: dict[str, Any], optimizer: torch.o
 def train(_run, _config: dict, _log, seed: int, n_steps: int, batch_size: int, num_workers: int, optim: dict,
          lr_milestones: list, lr_step_gamma: float, save_snapshot_every: int, print_interval: int, amp: str,
          use_wce: bool, usealign: bool, ignore_label: int, max_nonfinite_steps: int, resume: bool,
-         reload_model_path: str | None, deterministic: bool, channels_last: bool, optim_type: str) -> dict:
+         reload_model_path: str | None, deterministic: bool, channels_last: bool, optim_type: str,
+          episode_sampling: str) -> dict:
     # ------------------------------------------------------------------ setup
     t_start = time.perf_counter()
     dist = setup_distributed()
@@ -183,6 +185,19 @@ def train(_run, _config: dict, _log, seed: int, n_steps: int, batch_size: int, n
                dynamic_ncols=True, mininterval=1.0)
     step = start_step
     for batch in bar:
+        empty_fg = batch["support_fg"].flatten(1).sum(1) == 0
+        if bool(empty_fg.any()):
+            # Only the legacy sampler (Q2 parity) draws empty superpixel ids; the original skipped such steps.
+            if episode_sampling != "legacy":
+                raise RuntimeError(f"step {step + 1}: empty support foreground in episodes "
+                                   f"{batch['index'][empty_fg].tolist()} with compact sampling (a bug)")
+            _log.warning("step %d: empty-foreground episode (legacy sampling, scan %s slice %s superpixel %s), "
+                         "update skipped", step + 1, batch["scan_id"].tolist(), batch["z_id"].tolist(),
+                         batch["superpix_id"].tolist())
+            skipped += 1
+            scheduler.step()
+            step += 1
+            continue
         terms = train_step(ddp_model, batch, optimizer, scaler, device, amp, use_wce, usealign, ignore_label,
                            channels_last)
         if not math.isfinite(terms["loss"]):

@@ -104,7 +104,7 @@ def validate(_run, _config: dict, _log, seed: int, reload_model_path: str | None
     model = build_model(_config, device, for_training=False)
     from models.weights import load_original_checkpoint
 
-    load_original_checkpoint(model, ckpt["model"], source=str(reload_model_path))
+    load_original_checkpoint(model, ckpt["model"])
     model.eval()
     predictor = FastPredictor(model, device, window=val_wsize, batch_size=eval_batch_size)
 

@@ -49,6 +49,7 @@ ExclusionRule = Literal["any", "all"]
 EpisodeSampling = Literal["compact", "legacy"]
 
 _PERM_TAG = 0x5EED  # separates the slice-permutation streams from the per-episode streams
+_MAX_AUG_RETRIES = 10  # support augmentations redrawn when the foreground leaves the view
 _MAX_REDIRECTS = 100_000
 
 
@@ -286,6 +287,17 @@ class SuperpixelEpisodeDataset(Dataset):
         image = self.images[k][z]
         mask = (self.superpix[k][z] == sp_id).astype(np.int64)
         views = [augment(image, mask, self.aug, rng) for _ in range(self.n_shots + self.n_queries)]
+        if self.episode_sampling == "compact":
+            # An augmentation can push a border superpixel out of view; a support needs foreground, so redraw
+            # that support's augmentation (from the same episode generator: still a pure function of (seed, idx))
+            # and, if it keeps vanishing, use the un-augmented view.
+            for v in range(self.n_shots):
+                for _ in range(_MAX_AUG_RETRIES):
+                    if views[v][1].any():
+                        break
+                    views[v] = augment(image, mask, self.aug, rng)
+                if not views[v][1].any():
+                    views[v] = (image.astype(np.float32), mask)
         imgs = np.stack([v[0] for v in views])
         labs = np.stack([v[1] for v in views])
         s_n = self.n_shots
