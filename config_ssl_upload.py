@@ -7,7 +7,7 @@ original are the fixes of SPEC section 11: ``dataset`` is a plain registry name 
 ``PHANTOM``, or a description file), ``min_fg_data`` defaults to 1 (Q10), ``n_steps`` is the exact number of
 optimiser steps (Q12), and the file observer is replaced, not appended, on every run (Q11).
 
-Usage::
+Examples::
 
     python training.py with CHAOST2 setting2 label_sets=1 eval_fold=3
     python validation.py with CHAOST2 setting2 label_sets=1 eval_fold=3 reload_model_path=<run>/snapshots/100000.pth
@@ -44,8 +44,7 @@ def cfg():
 
     # ---------------------------------------------------------------- data
     dataset = "CHAOST2"  # registry name (CHAOST2, SABS, CMR/C0, PHANTOM) or a dataset description file
-    _info = get_dataset_info(dataset)  # fails at config time for an unknown dataset
-    data_dir = str(_info.data_dir)  # processed files (SPEC 2); defaults to the registry's folder
+    data_dir = str(get_dataset_info(dataset).data_dir)  # processed files (SPEC 2); fails here for an unknown dataset
     superpix_scale = "MIDDLE"
     min_fg_data = 1  # class-slice index classmap_<min_fg_data>.json (the original's '100' was a bug, Q10)
     input_size = (256, 256)
@@ -58,7 +57,7 @@ def cfg():
     eval_fold = 0  # fold of SPEC 9 (0..4)
     label_sets = 0  # label group; test classes = eval classes - LABEL_GROUP[label_sets]
     setting = 1  # 1: train on every slice; 2: drop training slices holding any test class
-    exclude_cls_list = list(_info.setting2_exclusion(label_sets)) if setting == 2 else []
+    exclude_cls_list = list(get_dataset_info(dataset).setting2_exclusion(label_sets)) if setting == 2 else []
     support_idx = [-1]  # index into the held-out list; -1 = the fold's support scan (SPEC 9)
     n_ways = 1
     n_shots = 1  # support scans
@@ -105,46 +104,46 @@ def cfg():
 
 @ex.named_config
 def CHAOST2():
-    """CHAOS-T2 abdominal MRI (support scan: the 5th of the held-out list, SPEC 9)."""
+    # CHAOS-T2 abdominal MRI (support scan: the 5th of the held-out list, SPEC 9).
     dataset = "CHAOST2"
     support_idx = [4]
 
 
 @ex.named_config
 def SABS():
-    """Synapse (SABS) abdominal CT (support scan: the 7th of the held-out list)."""
+    # Synapse (SABS) abdominal CT (support scan: the 7th of the held-out list).
     dataset = "SABS"
     support_idx = [6]
 
 
 @ex.named_config
 def CMR():
-    """MS-CMRSeg bSSFP cardiac MRI (project fold scheme, SPEC 3.4)."""
+    # MS-CMRSeg bSSFP cardiac MRI (project fold scheme, SPEC 3.4).
     dataset = "CMR"
     support_idx = [7]
 
 
 @ex.named_config
 def PHANTOM():
-    """The synthetic abdominal phantom (python -m data_preprocessing.phantom)."""
+    # The synthetic abdominal phantom (python -m data_preprocessing.phantom).
     dataset = "PHANTOM"
 
 
 @ex.named_config
 def setting1():
-    """Setting 1: training sees every slice (test organs unlabelled)."""
+    # Setting 1: training sees every slice (test organs unlabelled).
     setting = 1
 
 
 @ex.named_config
 def setting2():
-    """Setting 2: drop every training slice that holds any pixel of any test class."""
+    # Setting 2: drop every training slice that holds any pixel of any test class.
     setting = 2
 
 
 @ex.named_config
 def demo():
-    """CPU demo on the phantom: light backbone, a few minutes of training."""
+    # CPU demo on the phantom: light backbone, a few minutes of training.
     dataset = "PHANTOM"
     device = "cpu"
     modelname = "lite_gn"

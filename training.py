@@ -24,7 +24,7 @@ from tqdm import tqdm
 from config_ssl_upload import ex
 from dataloaders.niftiio import write_json
 from models.losses import QUERY_CLASS_WEIGHTS, query_loss
-from util.checkpoint import latest_snapshot, load_checkpoint, save_checkpoint, snapshot_path
+from util.checkpoint import latest_snapshot, load_checkpoint, plain_config, save_checkpoint, snapshot_path
 from util.run_setup import (
     build_model,
     build_training_dataset,
@@ -228,7 +228,7 @@ def train(_run, _config: dict, _log, seed: int, n_steps: int, batch_size: int, n
                 save_checkpoint({
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
-                    "step": step, "config": dict(_config), "rng": rng_state(),
+                    "step": step, "config": plain_config(_config), "rng": rng_state(),
                     "normalizer": dataset.normalizer.to_dict(),
                     "fold": {"index": fold.index, "queries": list(fold.queries), "support": list(fold.support),
                              "train": list(fold.train)},

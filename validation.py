@@ -152,5 +152,5 @@ def validate(_run, _config: dict, _log, seed: int, reload_model_path: str | None
     table = format_table(summary, info.labels, summary.get("baseline"))
     print(f"\n{info.name} fold {fold.index}, setting {_config['setting']}, support scan(s) {list(fold.support)}, "
           f"queries {list(fold.queries)}, Dice (%):\n{table}\nresults: {run_dir / 'results.json'}")
-    return summary
+    return {"mean_dice": summary["mean_dice"], "results": str(run_dir / "results.json")}
 

@@ -11,6 +11,7 @@ Snapshots are ``<run_dir>/snapshots/<step>.pth`` with step = number of optimiser
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import zipfile
 from pathlib import Path
@@ -56,7 +57,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, pickle.UnpicklingError) as err:
         msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"{path}: corrupt or not a PyTorch checkpoint ({msg})") from None
     if not isinstance(obj, dict):
@@ -65,6 +66,15 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         if all(isinstance(v, torch.Tensor) for v in obj.values()):
             return {"model": obj}
         raise CheckpointError(f"{path}: neither a checkpoint (no 'model' entry) nor a plain state dict")
+    return obj
+
+
+def plain_config(obj: Any) -> Any:
+    """A deep copy of a (read-only) Sacred config made of plain dicts, lists and scalars, for ``weights_only`` loads."""
+    if isinstance(obj, dict):
+        return {str(k): plain_config(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [plain_config(v) for v in obj]
     return obj
 
 
