@@ -1,0 +1,485 @@
+"""CHAOS T2-SPIR pipeline: raw DICOM + PNG ground truth -> processed training folder (SPEC 3.1; Q18, Q24).
+
+Usage::
+
+    python -m data_preprocessing.chaos --raw <CHAOS .../MR> --out data/CHAOST2/chaos_MR_T2_normalized
+        [--steps convert,normalize,classmap,superpixels,verify] [--verify-only] [--parity] [--scans 1,2]
+
+Expected raw layout (the CHAOS "MR" folder of the training set; ``--raw`` may also be its parent)::
+
+    MR/<patient id>/T2SPIR/DICOM_anon/*.dcm     one DICOM file per slice, e.g. IMG-0004-00001.dcm
+    MR/<patient id>/T2SPIR/Ground/*.png         one PNG per slice, grey 0/63/126/189/252
+
+Steps (each can be run alone with ``--steps``; intermediate files live in ``--work``, default
+``OUT/intermediate``, and are deleted after a full run unless ``--keep-intermediate``):
+
+1. ``convert``: read the DICOM series with pydicom (no external converter), check that it is one acquisition
+   (one SeriesInstanceUID, one orientation, pixel spacing and size) without missing slices, order the slices by
+   ImagePositionPatient projected on the slice normal (never by file order or InstanceNumber), pair every PNG
+   with its DICOM slice by the slice number in the file names, map grey values 63/126/189/252 to 1 liver,
+   2 right kidney, 3 left kidney, 4 spleen (anything else is an error, Q24), and write
+   ``image_<pid>``/``label_<pid>.nii.gz`` on the DICOM grid. PNG row r / column c is DICOM pixel row r /
+   column c of the same slice (the challenge exported the PNGs that way), so no flip is applied: image and
+   label arrays are stacked identically and carry the geometry computed from the DICOM tags.
+2. ``normalize``: clip above the 99.5th percentile, resample to (1.25, 1.25, 7.70) mm (linear; labels one value
+   at a time), centre crop or pad to 256x256 (image padded with its minimum, labels with 0).
+3. ``classmap``, ``superpixels``, ``verify``: ``classmap_1.json``, ``superpix-MIDDLE_<pid>``/``fgmask_<pid>``, and
+   the verification table (see :mod:`data_preprocessing.verify`).
+
+Output scan ids are the patient ids. Raw inputs are only read; a re-run writes the same files.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import SimpleITK as sitk
+from PIL import Image
+from pydicom.errors import InvalidDicomError
+from tqdm import tqdm
+
+from data_preprocessing.intensity import MR_CLIP_PERCENTILE, clip_upper_percentile, map_label_values
+from data_preprocessing.resample import crop_or_pad_xy, resample_image, resample_label
+from data_preprocessing.verify import (
+    FINAL_STEPS,
+    RawDataError,
+    parse_scan_list,
+    parse_steps,
+    pipeline_parser,
+    remove_intermediate,
+    run_final_steps,
+)
+from dataloaders.dataset_info import DatasetInfo, get_dataset_info
+from dataloaders.niftiio import (
+    DataFormatError,
+    Geometry,
+    image_path,
+    label_path,
+    list_scan_ids,
+    read_sitk,
+    write_volume,
+)
+
+DATASET = "CHAOST2"
+GREY_TO_LABEL: dict[int, int] = {0: 0, 63: 1, 126: 2, 189: 3, 252: 4}  # fixed map (Q24): liver, RK, LK, spleen
+TARGET_SPACING: tuple[float, float, float] = (1.25, 1.25, 7.70)  # (x, y, z) mm, SPEC 3.1
+OUT_HW: tuple[int, int] = (256, 256)  # in-plane output size (H, W)
+SEQUENCE_DIR = "T2SPIR"
+STEPS = ("convert", "normalize", *FINAL_STEPS)
+_POSITION_RTOL = 0.01  # allowed relative deviation of a slice gap from the median gap
+_NUMBER = re.compile(r"(\d+)$")
+
+
+# -------------------------------------------------------------------- raw layout
+def find_patients(raw: str | Path) -> dict[int, Path]:
+    """Patient folders ``<pid>/T2SPIR`` under the CHAOS ``MR`` folder (or under ``raw/MR``).
+
+    Returns:
+        patient id -> patient folder, in id order.
+
+    Raises:
+        RawDataError: the folder does not exist or holds no ``<integer>/T2SPIR`` folder.
+    """
+    raw = Path(raw)
+    if not raw.is_dir():
+        raise RawDataError(f"{raw}: raw CHAOS folder not found")
+    root = raw / "MR" if (raw / "MR").is_dir() else raw
+    found = {int(p.name): p for p in root.iterdir() if p.is_dir() and p.name.isdigit() and (p / SEQUENCE_DIR).is_dir()}
+    if not found:
+        raise RawDataError(f"{root}: no patient folders <id>/{SEQUENCE_DIR} (pass the CHAOS 'MR' folder as --raw)")
+    return dict(sorted(found.items()))
+
+
+def slice_number(path: Path, where: str = "", separators: str = "-_") -> int:
+    """The slice number in a file name: the integer after the last separator of the stem.
+
+    ``IMG-0004-00017.dcm`` -> 17, ``IMG-0004-00017.png`` -> 17, ``liver_GT_016.png`` -> 16.
+
+    Raises:
+        RawDataError: the stem does not end in ``<separator><digits>``.
+    """
+    stem = path.name.split(".")[0]
+    last = max(stem.rfind(s) for s in separators)
+    tail = stem[last + 1:]
+    if last < 0 or not _NUMBER.fullmatch(tail):
+        raise RawDataError(f"{where + ': ' if where else ''}{path}: no slice number after the last '-' or '_' "
+                           f"in the file name")
+    return int(tail)
+
+
+# -------------------------------------------------------------------- DICOM
+@dataclass
+class DicomSeries:
+    """One DICOM series, slices in spatial order.
+
+    Attributes:
+        image: (Z, H, W) float32 pixel values (RescaleSlope/Intercept applied).
+        geometry: SimpleITK geometry (LPS): origin = first slice's ImagePositionPatient, direction columns =
+            row direction, column direction, slice normal; spacing = (column spacing, row spacing, slice gap).
+        files: DICOM files in spatial order.
+        numbers: slice numbers of the file names, in spatial order.
+    """
+
+    image: np.ndarray
+    geometry: Geometry
+    files: list[Path]
+    numbers: list[int]
+
+
+def _float_list(ds: pydicom.Dataset, keyword: str, n: int, path: Path, where: str) -> np.ndarray:
+    value = ds.get(keyword)
+    if value is None or len(value) != n:
+        raise RawDataError(f"{where}: {path.name}: missing or malformed DICOM tag {keyword}")
+    return np.array([float(v) for v in value], dtype=np.float64)
+
+
+def read_dicom_series(dicom_dir: str | Path, where: str = "") -> DicomSeries:
+    """Read a folder of single-slice DICOM files as one volume in spatial order.
+
+    Args:
+        dicom_dir: folder with one file per slice (hidden files are skipped).
+        where: prefix of error messages (e.g. ``"patient 5"``).
+
+    Raises:
+        RawDataError: empty folder, unreadable file, missing geometry tags, slices from more than one
+            acquisition (SeriesInstanceUID, orientation, pixel spacing or size differ), two slices at one
+            position, or a gap in the slice positions (missing slice); the message names the file.
+    """
+    dicom_dir = Path(dicom_dir)
+    where = where or str(dicom_dir)
+    files = sorted(p for p in dicom_dir.iterdir() if p.is_file() and not p.name.startswith(".")) \
+        if dicom_dir.is_dir() else []
+    if not files:
+        raise RawDataError(f"{where}: no DICOM files in {dicom_dir}")
+    headers = []
+    for path in files:
+        try:
+            ds = pydicom.dcmread(path)
+        except (InvalidDicomError, OSError) as err:
+            raise RawDataError(f"{where}: {path}: not a readable DICOM file ({err})") from None
+        headers.append((path, ds, _float_list(ds, "ImageOrientationPatient", 6, path, where),
+                        _float_list(ds, "ImagePositionPatient", 3, path, where),
+                        _float_list(ds, "PixelSpacing", 2, path, where)))
+    # one acquisition: the same series, size, orientation and pixel spacing in every file
+    _check_one_value(where, "SeriesInstanceUID", [(h[0], str(h[1].get("SeriesInstanceUID", ""))) for h in headers],
+                     "belongs to another acquisition; keep one series per folder")
+    _check_one_value(where, "Rows x Columns", [(h[0], (int(h[1].Rows), int(h[1].Columns))) for h in headers],
+                     "has another image size: the folder mixes two acquisitions")
+    _check_one_value(where, "ImageOrientationPatient", [(h[0], _rounded(h[2])) for h in headers],
+                     "has another orientation: inconsistent orientation")
+    _check_one_value(where, "PixelSpacing", [(h[0], _rounded(h[4])) for h in headers],
+                     "has another pixel spacing: inconsistent spacing")
+    slices = []
+    for path, ds, _, ipp, _ in headers:
+        try:
+            pixels = ds.pixel_array.astype(np.float32)
+        except (AttributeError, ValueError, RuntimeError, NotImplementedError) as err:
+            raise RawDataError(f"{where}: {path}: cannot decode the pixel data ({err})") from None
+        if pixels.ndim != 2:
+            raise RawDataError(f"{where}: {path.name}: expected one 2D slice per file, got shape {pixels.shape}")
+        slope, intercept = float(ds.get("RescaleSlope", 1.0)), float(ds.get("RescaleIntercept", 0.0))
+        slices.append((ipp, path, pixels * np.float32(slope) + np.float32(intercept)))
+
+    iop, spacing = headers[0][2], headers[0][4]
+    row_dir, col_dir = iop[:3], iop[3:]
+    if abs(np.linalg.norm(row_dir) - 1) > 1e-3 or abs(np.linalg.norm(col_dir) - 1) > 1e-3 \
+            or abs(float(row_dir @ col_dir)) > 1e-3:
+        raise RawDataError(f"{where}: ImageOrientationPatient {iop.tolist()} is not two orthonormal vectors")
+    normal = np.cross(row_dir, col_dir)
+    slices.sort(key=lambda s: float(s[0] @ normal))
+    positions = np.array([float(s[0] @ normal) for s in slices])
+    gaps = np.diff(positions)
+    if len(gaps):
+        for i, gap in enumerate(gaps):
+            if gap < 1e-3:
+                raise RawDataError(f"{where}: {slices[i][1].name} and {slices[i + 1][1].name} lie at the same "
+                                   f"position {positions[i]:.3f} mm: the folder mixes two acquisitions")
+        median = float(np.median(gaps))
+        for i, gap in enumerate(gaps):
+            if abs(gap - median) > _POSITION_RTOL * median:
+                raise RawDataError(
+                    f"{where}: gap of {gap:.3f} mm between {slices[i][1].name} and {slices[i + 1][1].name}, the "
+                    f"other slices are {median:.3f} mm apart: missing slice(s) or mixed acquisitions")
+        slice_gap = float(gaps.mean())
+    else:  # a single slice: fall back on the tags
+        ds = pydicom.dcmread(slices[0][1], stop_before_pixels=True)
+        slice_gap = float(ds.get("SpacingBetweenSlices", ds.get("SliceThickness", 1.0)))
+    direction = np.column_stack([row_dir, col_dir, normal])
+    geometry = Geometry(spacing=(float(spacing[1]), float(spacing[0]), slice_gap),
+                        origin=tuple(float(v) for v in slices[0][0]),
+                        direction=tuple(float(v) for v in direction.ravel()))
+    files_sorted = [s[1] for s in slices]
+    numbers = [slice_number(p, where) for p in files_sorted]
+    dup = _first_duplicate(numbers, files_sorted)
+    if dup:
+        raise RawDataError(f"{where}: DICOM files {dup[0].name} and {dup[1].name} carry the same slice number")
+    return DicomSeries(np.stack([s[2] for s in slices]), geometry, files_sorted, numbers)
+
+
+def _rounded(values: np.ndarray) -> tuple[float, ...]:
+    return tuple(round(float(v), 4) for v in values)
+
+
+def _check_one_value(where: str, tag: str, values: list[tuple[Path, object]], problem: str) -> None:
+    """Raise naming a file whose ``tag`` differs from the most common value (ties: the first file's value)."""
+    counts: dict[object, int] = {}
+    for _, v in values:
+        counts[v] = counts.get(v, 0) + 1
+    if len(counts) < 2:
+        return
+    common = max(counts, key=lambda v: (counts[v], -next(i for i, (_, w) in enumerate(values) if w == v)))
+    odd_path, odd = next((p, v) for p, v in values if v != common)
+    ref_path = next(p for p, v in values if v == common)
+    raise RawDataError(f"{where}: {odd_path.name} {problem} ({tag} {odd} vs {common} in {counts[common]} files "
+                       f"such as {ref_path.name})")
+
+
+def _first_duplicate(numbers: Sequence[int], files: Sequence[Path]) -> tuple[Path, Path] | None:
+    seen: dict[int, Path] = {}
+    for n, f in zip(numbers, files):
+        if n in seen:
+            return seen[n], f
+        seen[n] = f
+    return None
+
+
+# -------------------------------------------------------------------- PNG ground truth
+def read_png(path: Path, where: str) -> np.ndarray:
+    """One grey-level PNG as a 2D integer array (RGB with equal channels is accepted)."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            mode = img.mode
+            if mode == "P":
+                img = img.convert("L")
+            arr = np.asarray(img)
+    except OSError as err:
+        raise RawDataError(f"{where}: {path}: not a readable PNG ({err})") from None
+    if arr.ndim == 3:
+        channels = arr[..., :3] if arr.shape[-1] >= 3 else arr[..., :1]
+        if not all(np.array_equal(channels[..., 0], channels[..., k]) for k in range(channels.shape[-1])):
+            raise RawDataError(f"{where}: {path.name}: a colour PNG ({mode}); expected grey-level ground truth")
+        arr = channels[..., 0]
+    return arr.astype(np.int64)
+
+
+def pair_ground_truth(series: DicomSeries, png_files: Sequence[Path], where: str) -> list[Path]:
+    """The PNG of every slice of ``series``, in the series' spatial order.
+
+    Pairing rule: a PNG belongs to the DICOM slice whose file-name slice number equals its own (CHAOS names
+    both ``IMG-<series>-<number>``). If instead the PNG numbers are exactly the DICOM numbers minus one (a
+    zero-based naming such as ``liver_GT_000.png`` for ``IMG-...-00001.dcm``), that offset is used and reported.
+
+    Raises:
+        RawDataError: duplicate numbers, a PNG without its DICOM slice, or a DICOM slice without its PNG.
+    """
+    png_files = sorted(png_files)
+    if not png_files:
+        raise RawDataError(f"{where}: no ground-truth PNG files")
+    png_numbers = [slice_number(p, where) for p in png_files]
+    dup = _first_duplicate(png_numbers, png_files)
+    if dup:
+        raise RawDataError(f"{where}: PNG files {dup[0].name} and {dup[1].name} carry the same slice number")
+    by_number = dict(zip(png_numbers, png_files))
+    dicom_numbers = set(series.numbers)
+    offset = 0
+    if set(by_number) != dicom_numbers and set(by_number) == {n - 1 for n in dicom_numbers}:
+        offset = -1
+        print(f"{where}: ground-truth PNGs are numbered from 0, DICOM files from 1: pairing PNG n with DICOM n+1")
+    for n, path in by_number.items():
+        if n - offset not in dicom_numbers:
+            raise RawDataError(f"{where}: {path.name} has no DICOM slice with number {n - offset} "
+                               f"({len(png_files)} PNGs, {len(series.files)} DICOM files)")
+    for n, path in zip(series.numbers, series.files):
+        if n + offset not in by_number:
+            raise RawDataError(f"{where}: DICOM slice {path.name} has no ground-truth PNG with number {n + offset} "
+                               f"({len(png_files)} PNGs, {len(series.files)} DICOM files)")
+    return [by_number[n + offset] for n in series.numbers]
+
+
+def read_ground_truth(series: DicomSeries, ground_dir: str | Path, where: str) -> np.ndarray:
+    """Label volume (Z, H, W) uint8 on the series' slices: PNGs paired, stacked in spatial order, values mapped.
+
+    Raises:
+        RawDataError: pairing problems, a PNG whose size differs from its DICOM slice, or grey values other than
+            0/63/126/189/252 (the message names the patient and the PNG).
+    """
+    ground_dir = Path(ground_dir)
+    pngs = sorted(ground_dir.glob("*.png")) if ground_dir.is_dir() else []
+    paired = pair_ground_truth(series, pngs, where)
+    h, w = series.image.shape[1:]
+    out = np.zeros(series.image.shape, dtype=np.uint8)
+    for z, path in enumerate(paired):
+        grey = read_png(path, where)
+        if grey.shape != (h, w):
+            raise RawDataError(f"{where}: {path.name} is {grey.shape[0]}x{grey.shape[1]} pixels, its DICOM slice "
+                               f"{series.files[z].name} is {h}x{w}")
+        try:
+            out[z] = map_label_values(grey, GREY_TO_LABEL, what=f"{where}: {path.name}")
+        except ValueError as err:
+            raise RawDataError(str(err)) from None
+    return out
+
+
+# -------------------------------------------------------------------- per patient
+def convert_patient(patient_dir: str | Path, pid: int) -> tuple[sitk.Image, sitk.Image]:
+    """DICOM + PNG of one patient -> (image, label) SimpleITK images on the DICOM grid.
+
+    Args:
+        patient_dir: ``MR/<pid>`` folder holding ``T2SPIR/DICOM_anon`` and ``T2SPIR/Ground``.
+        pid: patient id (for messages).
+
+    Returns:
+        float32 image and uint8 label with identical geometry; arrays are (Z, H, W) with Z in spatial order.
+    """
+    seq = Path(patient_dir) / SEQUENCE_DIR
+    where = f"patient {pid}"
+    series = read_dicom_series(seq / "DICOM_anon", where)
+    label = read_ground_truth(series, seq / "Ground", where)
+    img = series.geometry.apply(sitk.GetImageFromArray(series.image))
+    lbl = series.geometry.apply(sitk.GetImageFromArray(label))
+    return img, lbl
+
+
+def normalize_scan(image: sitk.Image, label: sitk.Image, spacing: Sequence[float] = TARGET_SPACING,
+                   out_hw: Sequence[int] = OUT_HW,
+                   percentile: float = MR_CLIP_PERCENTILE) -> tuple[sitk.Image, sitk.Image]:
+    """MR normalisation of one scan (SPEC 3.1 steps 3-5; reused for CMR).
+
+    Clip above the ``percentile``-th percentile, resample to ``spacing`` with the original's size rule (labels one
+    value at a time), centre crop or pad in-plane to ``out_hw`` (image padded with its minimum, labels with 0).
+
+    Args:
+        image: float image; label: integer label image on the same grid.
+        spacing: output spacing (x, y, z) in mm.
+        out_hw: output in-plane size (H, W).
+
+    Returns:
+        (float32 image, uint8 label), arrays (Z', H_out, W_out), same geometry.
+    """
+    if image.GetSize() != label.GetSize():
+        raise ValueError(f"image size {image.GetSize()} differs from label size {label.GetSize()}")
+    clipped = sitk.GetImageFromArray(clip_upper_percentile(sitk.GetArrayFromImage(image), percentile))
+    clipped.CopyInformation(image)
+    res_img = resample_image(clipped, spacing)
+    res_lbl = resample_label(label, spacing, size=res_img.GetSize())
+    size_xy = (int(out_hw[1]), int(out_hw[0]))
+    return crop_or_pad_xy(res_img, size_xy), crop_or_pad_xy(res_lbl, size_xy, pad_value=0)
+
+
+def _geometry_checked(img_path: Path, lbl_path: Path) -> tuple[sitk.Image, sitk.Image]:
+    img, lbl = read_sitk(img_path), read_sitk(lbl_path)
+    if img.GetSize() != lbl.GetSize():
+        raise DataFormatError(f"{lbl_path}: size {lbl.GetSize()} differs from {img_path.name} {img.GetSize()}")
+    why = Geometry.of(img).mismatch(Geometry.of(lbl))
+    if why:
+        raise DataFormatError(f"{lbl_path}: geometry differs from {img_path.name}: {why}")
+    return sitk.Cast(img, sitk.sitkFloat32), sitk.Cast(lbl, sitk.sitkUInt8)
+
+
+# -------------------------------------------------------------------- folder steps
+def convert_all(raw: str | Path, work: str | Path, scan_ids: Sequence[int] | None = None,
+                progress: bool = True) -> list[int]:
+    """Step ``convert``: every patient's DICOM + PNG -> ``work/image_<pid>``, ``work/label_<pid>.nii.gz``.
+
+    Returns:
+        The converted patient ids.
+    """
+    patients = find_patients(raw)
+    if scan_ids is not None:
+        missing = sorted(set(scan_ids) - set(patients))
+        if missing:
+            raise RawDataError(f"{raw}: patients {missing} not found (found {list(patients)})")
+        patients = {p: d for p, d in patients.items() if p in set(scan_ids)}
+    work = Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    for pid, folder in tqdm(patients.items(), disable=not progress, unit="patient", desc="convert CHAOS"):
+        img, lbl = convert_patient(folder, pid)
+        write_volume(sitk.GetArrayFromImage(img), image_path(work, pid), reference=img)
+        write_volume(sitk.GetArrayFromImage(lbl), label_path(work, pid), reference=lbl)
+        z, h, w = sitk.GetArrayViewFromImage(img).shape
+        tqdm.write(f"patient {pid}: {z} slices {h}x{w}, spacing {tuple(round(s, 3) for s in img.GetSpacing())} "
+                   f"-> {image_path(work, pid).name}, {label_path(work, pid).name}")
+    return list(patients)
+
+
+def normalize_all(work: str | Path, out: str | Path, scan_ids: Sequence[int] | None = None,
+                  spacing: Sequence[float] = TARGET_SPACING, out_hw: Sequence[int] = OUT_HW,
+                  progress: bool = True, desc: str = "normalize") -> list[int]:
+    """Step ``normalize``: clip, resample and crop every ``work/image_<id>``/``label_<id>`` into ``out``.
+
+    Returns:
+        The processed scan ids.
+    """
+    work, out = Path(work), Path(out)
+    ids = list_scan_ids(work) if scan_ids is None else sorted(scan_ids)
+    out.mkdir(parents=True, exist_ok=True)
+    for sid in tqdm(ids, disable=not progress, unit="scan", desc=desc):
+        img, lbl = _geometry_checked(image_path(work, sid), label_path(work, sid))
+        out_img, out_lbl = normalize_scan(img, lbl, spacing, out_hw)
+        write_volume(sitk.GetArrayFromImage(out_img), image_path(out, sid), reference=out_img)
+        write_volume(sitk.GetArrayFromImage(out_lbl), label_path(out, sid), reference=out_lbl)
+        tqdm.write(f"scan {sid}: {sitk.GetArrayViewFromImage(out_img).shape} -> {image_path(out, sid)}")
+    return ids
+
+
+# -------------------------------------------------------------------- CLI
+def run(raw: str | Path | None, out: str | Path, steps: Sequence[str] = STEPS, work: str | Path | None = None,
+        scan_ids: Sequence[int] | None = None, workers: int = 1, parity: bool = False,
+        keep_intermediate: bool = False, report_path: str | Path | None = None, progress: bool = True,
+        info: DatasetInfo | None = None) -> bool:
+    """Run the chosen steps; returns whether the verification passed (True when ``verify`` is not run).
+
+    Args:
+        raw: CHAOS ``MR`` folder (needed by ``convert``).
+        out: processed folder.
+        steps: subset of :data:`STEPS`.
+        work: intermediate folder (default ``out/intermediate``).
+        scan_ids: patients to convert (default: all found).
+        workers: processes for the superpixels.
+        parity: the original's superpixel numbering (Q2).
+        keep_intermediate: keep ``work`` after a full run.
+    """
+    info = info or get_dataset_info(DATASET)
+    out = Path(out)
+    work = Path(work) if work is not None else out / "intermediate"
+    ids = None
+    if "convert" in steps:
+        if raw is None:
+            raise RawDataError("the convert step needs the raw CHAOS folder")
+        ids = convert_all(raw, work, scan_ids, progress)
+    if "normalize" in steps:
+        ids = normalize_all(work, out, ids if ids is not None else scan_ids, progress=progress,
+                            desc="normalize CHAOS")
+        if "convert" in steps and not keep_intermediate:
+            remove_intermediate(work, [p(work, i).name for i in ids for p in (image_path, label_path)])
+    report = run_final_steps(out, info, steps, workers=workers, legacy_superpixels=parity, expect_hw=OUT_HW,
+                             expect_spacing=TARGET_SPACING, report_path=report_path, progress=progress)
+    return report is None or report.ok
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point: 0 on success, 1 when the verification fails, 2 on an input error."""
+    parser = pipeline_parser("python -m data_preprocessing.chaos", __doc__.split("\n")[0], STEPS,
+                             "the CHAOS 'MR' folder (holding <patient id>/T2SPIR/{DICOM_anon,Ground})",
+                             "the original's superpixel numbering (Q2)")
+    args = parser.parse_args(argv)
+    steps = parse_steps(args, STEPS, parser)
+    try:
+        ok = run(args.raw, args.out, steps, work=args.work, scan_ids=parse_scan_list(args.scans, parser),
+                 workers=args.workers, parity=args.parity, keep_intermediate=args.keep_intermediate,
+                 report_path=args.report, progress=not args.no_progress)
+    except (RawDataError, DataFormatError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

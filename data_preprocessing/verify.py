@@ -1,0 +1,452 @@
+"""Integrity check and verification table of a processed dataset folder, and the steps every pipeline ends with.
+
+``python -m data_preprocessing.verify --data-dir D --dataset NAME`` checks, for every ``image_<id>.nii.gz``:
+
+- the label (and, unless ``--no-superpixels``, superpixel and body-mask) files exist and lie on the image's
+  grid (shape, spacing, origin, direction);
+- label values are ids of the dataset's label map; images hold finite values;
+- labelled voxels lie inside the body (image above the dataset's body threshold; a warning below 90 %, which
+  catches flipped or shifted labels);
+- optional expected in-plane size and spacing (the pipelines pass theirs);
+- ``classmap_1.json`` exists, lists every scan and agrees with the label files;
+- scans of the dataset's fixed scan list that are missing (a warning: a partial download is allowed).
+
+It prints one row per scan (shape, spacing, label ids present, slices per class, share of labelled voxels in
+the body) and a total row, and exits with 1 when an error was found. The dataset pipelines
+(``data_preprocessing.chaos``/``sabs``/``cmr``) end with :func:`run_final_steps` (class map, superpixels, this
+check) and share the command-line plumbing below.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+from tqdm import tqdm
+
+from dataloaders.dataset_info import DatasetDescriptionError, DatasetInfo, get_dataset_info
+from dataloaders.niftiio import (
+    DataFormatError,
+    Geometry,
+    classmap_path,
+    fgmask_path,
+    image_path,
+    label_path,
+    list_scan_ids,
+    load_classmap,
+    read_label_volume,
+    read_volume,
+    superpix_path,
+    write_json,
+)
+
+FG_IN_BODY_WARN = 0.9  # warn when fewer labelled voxels than this lie inside the body mask threshold
+FINAL_STEPS = ("classmap", "superpixels", "verify")
+
+
+class RawDataError(ValueError):
+    """A raw input of a preprocessing pipeline is missing or inconsistent; the message names scan and file."""
+
+
+# -------------------------------------------------------------------- the check
+@dataclass
+class ScanReport:
+    """Verification result of one scan.
+
+    Attributes:
+        scan_id: scan id.
+        shape: image array shape (Z, H, W).
+        spacing: voxel spacing (x, y, z) in mm.
+        label_ids: label ids present.
+        slices_per_class: class id -> number of slices holding it (>= 1 pixel); background left out.
+        fg_in_body: share of labelled voxels where the image exceeds the body threshold (None: no labels).
+    """
+
+    scan_id: int
+    shape: tuple[int, ...] = ()
+    spacing: tuple[float, ...] = ()
+    label_ids: list[int] = field(default_factory=list)
+    slices_per_class: dict[int, int] = field(default_factory=dict)
+    fg_in_body: float | None = None
+
+
+@dataclass
+class VerifyReport:
+    """Verification of a processed folder: per-scan rows, errors and warnings (each names its file)."""
+
+    dataset: str
+    data_dir: str
+    class_names: dict[int, str]
+    scans: list[ScanReport] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def to_dict(self) -> dict:
+        """JSON-ready form."""
+        out = asdict(self)
+        out["ok"] = self.ok
+        return out
+
+    def table(self) -> str:
+        """The verification table: one row per scan, then totals, errors and warnings."""
+        names = {c: n for c, n in self.class_names.items() if c != 0}
+        head = ["scan", "shape (Z,H,W)", "spacing (x,y,z) mm", "label ids"] + list(names.values()) + ["fg in body"]
+        rows = []
+        for s in self.scans:
+            rows.append([
+                str(s.scan_id),
+                "x".join(str(v) for v in s.shape) if s.shape else "-",
+                ", ".join(f"{v:.3f}" for v in s.spacing) if s.spacing else "-",
+                ",".join(str(v) for v in s.label_ids) if s.shape else "-",
+                *[str(s.slices_per_class.get(c, 0)) for c in names],
+                "-" if s.fg_in_body is None else f"{100 * s.fg_in_body:.1f}%",
+            ])
+        totals = [f"{len(self.scans)} scans", "", "", ""]
+        for c in names:
+            n_scans = sum(1 for s in self.scans if s.slices_per_class.get(c, 0))
+            totals.append(f"{sum(s.slices_per_class.get(c, 0) for s in self.scans)} ({n_scans} scans)")
+        totals.append("")
+        widths = [max(len(r[i]) for r in [head, *rows, totals]) for i in range(len(head))]
+
+        def fmt(r: list[str]) -> str:
+            return "  ".join(v.rjust(w) for v, w in zip(r, widths)).rstrip()
+
+        lines = [f"{self.dataset}: {self.data_dir}  (class columns: slices holding the class)", fmt(head),
+                 fmt(["-" * w for w in widths]), *map(fmt, rows), fmt(["-" * w for w in widths]), fmt(totals)]
+        lines += [f"warning: {w}" for w in self.warnings]
+        lines += [f"error: {e}" for e in self.errors]
+        lines.append("verification passed" if self.ok else f"verification FAILED ({len(self.errors)} errors)")
+        return "\n".join(lines)
+
+
+def _check_grid(ref_name: str, shape: tuple[int, ...], geom: Geometry, path: Path, arr: np.ndarray,
+                other: Geometry) -> str | None:
+    if arr.shape != shape:
+        return f"{path}: shape {arr.shape} differs from {ref_name} {shape}"
+    why = geom.mismatch(other)
+    return None if why is None else f"{path}: geometry differs from {ref_name}: {why}"
+
+
+def verify_dataset(data_dir: str | Path, info: DatasetInfo, expect_hw: Sequence[int] | None = None,
+                   expect_spacing: Sequence[float | None] | None = None, superpixels: bool = True,
+                   classmap: bool = True, min_fg: int = 1, scale: str = "MIDDLE",
+                   progress: bool = True) -> VerifyReport:
+    """Check a processed folder and collect the verification table.
+
+    Args:
+        data_dir: processed folder.
+        info: dataset description (label map, body threshold, fixed scan list).
+        expect_hw: required in-plane array size (H, W), e.g. (256, 256).
+        expect_spacing: required spacing (x, y, z) in mm; ``None`` entries are not checked.
+        superpixels: require ``superpix-<scale>_<id>`` and ``fgmask_<id>`` files on the image grid.
+        classmap: require ``classmap_<min_fg>.json``, complete and consistent with the labels.
+        min_fg: the class map's minimum pixel count.
+        scale: superpixel file scale name.
+        progress: tqdm bar over scans.
+
+    Returns:
+        The report; ``report.ok`` is False when an error was found.
+    """
+    data_dir = Path(data_dir)
+    report = VerifyReport(info.name, str(data_dir), dict(info.labels))
+    try:
+        ids = list_scan_ids(data_dir)
+    except DataFormatError as err:
+        report.errors.append(str(err))
+        return report
+    if info.scan_ids is not None:
+        missing = sorted(set(info.scan_ids) - set(ids))
+        extra = sorted(set(ids) - set(info.scan_ids))
+        if missing:
+            report.warnings.append(f"{len(missing)} scans of the {info.name} scan list are not in the folder: "
+                                   f"{missing} (the fixed folds need all of them)")
+        if extra:
+            report.errors.append(f"scans {extra} are not in the {info.name} scan list {list(info.scan_ids)}")
+    known = set(info.labels)
+    fg_classes = [c for c in info.labels if c != 0]
+    slice_lists: dict[int, dict[int, list[int]]] = {}
+    for sid in tqdm(ids, disable=not progress, unit="scan", desc=f"verify {info.name}"):
+        row = ScanReport(sid)
+        report.scans.append(row)
+        ipath, lpath = image_path(data_dir, sid), label_path(data_dir, sid)
+        try:
+            image, geom = read_volume(ipath)
+            label, lgeom = read_label_volume(lpath)
+        except DataFormatError as err:
+            report.errors.append(str(err))
+            continue
+        row.shape, row.spacing = tuple(int(v) for v in image.shape), tuple(float(v) for v in geom.spacing)
+        if not np.isfinite(image).all():
+            report.errors.append(f"{ipath}: image holds NaN or infinite values")
+        if expect_hw is not None and tuple(image.shape[1:]) != tuple(expect_hw):
+            report.errors.append(f"{ipath}: in-plane size {image.shape[1:]} != expected {tuple(expect_hw)}")
+        if expect_spacing is not None:
+            for axis, (have, want) in enumerate(zip(geom.spacing, expect_spacing)):
+                if want is not None and abs(have - want) > 1e-3 * want:
+                    report.errors.append(f"{ipath}: spacing {'xyz'[axis]} = {have:.4f} mm != expected {want} mm")
+        problem = _check_grid(ipath.name, image.shape, geom, lpath, label, lgeom)
+        if problem:
+            report.errors.append(problem)
+            continue
+        present = [int(v) for v in np.unique(label)]
+        row.label_ids = present
+        unknown = sorted(set(present) - known)
+        if unknown:
+            report.errors.append(f"{lpath}: label ids {unknown} are not in the {info.name} label map {sorted(known)}")
+        per_slice = label.reshape(label.shape[0], -1)
+        slice_lists[sid] = {c: np.flatnonzero((per_slice == c).sum(axis=1) >= min_fg).tolist()
+                            for c in info.labels}
+        row.slices_per_class = {c: int((per_slice == c).any(axis=1).sum()) for c in fg_classes}
+        fg = label > 0
+        if fg.any():
+            row.fg_in_body = float(np.mean(image[fg] > info.body_threshold))
+            if row.fg_in_body < FG_IN_BODY_WARN:
+                report.warnings.append(
+                    f"{lpath}: only {100 * row.fg_in_body:.1f}% of labelled voxels lie inside the body "
+                    f"(image > {info.body_threshold}); check the label orientation")
+        else:
+            report.warnings.append(f"{lpath}: no foreground label")
+        if superpixels:
+            for path in (superpix_path(data_dir, sid, scale), fgmask_path(data_dir, sid)):
+                try:
+                    arr, sgeom = read_label_volume(path)
+                except DataFormatError as err:
+                    report.errors.append(str(err))
+                    continue
+                problem = _check_grid(ipath.name, image.shape, geom, path, arr, sgeom)
+                if problem:
+                    report.errors.append(problem)
+                elif arr.min() < 0:
+                    report.errors.append(f"{path}: negative values")
+                elif not arr.any():
+                    report.warnings.append(f"{path}: empty (no body found)")
+    if classmap:
+        _check_classmap(report, data_dir, info, ids, slice_lists, min_fg)
+    return report
+
+
+def _check_classmap(report: VerifyReport, data_dir: Path, info: DatasetInfo, ids: list[int],
+                    slice_lists: dict[int, dict[int, list[int]]], min_fg: int) -> None:
+    path = classmap_path(data_dir, min_fg)
+    try:
+        cmap = load_classmap(data_dir, list(info.labels.values()), scan_ids=ids, min_fg=min_fg)
+    except DataFormatError as err:
+        report.errors.append(str(err))
+        return
+    for sid, per_class in slice_lists.items():
+        for c, zs in per_class.items():
+            if cmap[info.labels[c]].get(str(sid)) != zs:
+                report.errors.append(f"{path}: stale index, class {info.labels[c]} of scan {sid} lists "
+                                     f"{cmap[info.labels[c]].get(str(sid))}, the label file gives {zs}")
+                return
+
+
+# -------------------------------------------------------------------- a picture of one scan
+def show_scan(data_dir: str | Path, scan_id: int, z: int | None = None, scale: str = "MIDDLE") -> Any:
+    """Plot one slice: the image, the image with its label overlay, and its superpixels when present.
+
+    Args:
+        data_dir: a folder of ``image_<id>``/``label_<id>.nii.gz`` (processed or intermediate).
+        scan_id: scan id.
+        z: slice index (SimpleITK axis 0); default the slice with the most labelled pixels.
+        scale: superpixel file scale name.
+
+    Returns:
+        The matplotlib Figure (displayed inline in a notebook).
+    """
+    import matplotlib.pyplot as plt
+    from skimage.segmentation import find_boundaries
+
+    data_dir = Path(data_dir)
+    image, _ = read_volume(image_path(data_dir, scan_id))
+    label, _ = read_label_volume(label_path(data_dir, scan_id))
+    spath = superpix_path(data_dir, scan_id, scale)
+    superpix = read_label_volume(spath)[0] if spath.is_file() else None
+    if z is None:
+        z = int(np.argmax((label > 0).reshape(label.shape[0], -1).sum(axis=1)))
+    panels = 3 if superpix is not None else 2
+    fig, axes = plt.subplots(1, panels, figsize=(4 * panels, 4.2), squeeze=False)
+    axes = axes[0]
+    for ax in axes:
+        ax.imshow(image[z], cmap="gray")
+        ax.set_axis_off()
+    axes[0].set_title(f"scan {scan_id}, slice {z}: image")
+    masked = np.ma.masked_equal(label[z], 0)
+    axes[1].imshow(masked, cmap="tab10", vmin=0, vmax=max(int(label.max()), 9), alpha=0.5, interpolation="nearest")
+    axes[1].set_title(f"labels {sorted(int(v) for v in np.unique(label[z]) if v)}")
+    if superpix is not None:
+        edges = find_boundaries(superpix[z], mode="inner")
+        axes[2].imshow(np.ma.masked_equal(edges.astype(np.uint8), 0), cmap="autumn", interpolation="nearest")
+        axes[2].set_title(f"{len(np.unique(superpix[z])) - 1} superpixels")
+    fig.tight_layout()
+    return fig
+
+
+# -------------------------------------------------------------------- raw image/label pairs
+def check_pair_grid(img: sitk.Image, lbl: sitk.Image, img_path: Path, lbl_path: Path) -> sitk.Image:
+    """Check that a raw label volume lies on its image's voxel grid; return it carrying the image's geometry.
+
+    The sizes must be equal. Header differences within rounding (spacing 1e-4 relative, origin 1e-3 mm,
+    direction 1e-4) pass silently; small ones (spacing 1 %, origin 0.5 mm, direction 1e-2) are reported and the
+    image's geometry is used; larger ones are an error.
+
+    Raises:
+        RawDataError: different sizes or a clearly different geometry (names the label file).
+    """
+    if img.GetSize() != lbl.GetSize():
+        raise RawDataError(f"{lbl_path}: size {lbl.GetSize()} differs from its image {img_path.name} {img.GetSize()}")
+    gi, gl = Geometry.of(img), Geometry.of(lbl)
+    why = gi.mismatch(gl)
+    if why is not None:
+        close = (np.allclose(gi.spacing, gl.spacing, rtol=1e-2, atol=0)
+                 and np.allclose(gi.origin, gl.origin, rtol=0, atol=0.5)
+                 and np.allclose(gi.direction, gl.direction, rtol=0, atol=1e-2))
+        if not close:
+            raise RawDataError(f"{lbl_path}: its geometry differs from its image {img_path.name}: {why}")
+        print(f"note: {lbl_path.name}: header differs slightly from {img_path.name} ({why}); "
+              f"using the image's geometry")
+    out = sitk.Image(lbl)
+    out.CopyInformation(img)
+    return out
+
+
+# -------------------------------------------------------------------- shared pipeline steps and CLI plumbing
+def run_final_steps(out_dir: str | Path, info: DatasetInfo, steps: Sequence[str], workers: int = 1,
+                    legacy_superpixels: bool = False, expect_hw: Sequence[int] | None = None,
+                    expect_spacing: Sequence[float | None] | None = None, report_path: str | Path | None = None,
+                    progress: bool = True) -> VerifyReport | None:
+    """The steps every pipeline ends with, in order: class map, superpixel pseudolabels, verification.
+
+    Args:
+        out_dir: processed folder.
+        info: dataset description.
+        steps: which of ``FINAL_STEPS`` to run (others are ignored).
+        workers: processes for the superpixels.
+        legacy_superpixels: the original's superpixel numbering (Q2).
+        expect_hw, expect_spacing: passed to :func:`verify_dataset`.
+        report_path: also write the verification report there as JSON.
+        progress: tqdm bars.
+
+    Returns:
+        The verification report, or ``None`` when ``"verify"`` is not among ``steps``.
+    """
+    from data_preprocessing.class_slice_index import write_classmap
+    from data_preprocessing.pseudolabel import generate_pseudolabels
+
+    out_dir = Path(out_dir)
+    if "classmap" in steps:
+        path = write_classmap(out_dir, info, min_fg=1, progress=progress)
+        print(f"wrote {path}")
+    if "superpixels" in steps:
+        generate_pseudolabels(out_dir, info, workers=workers, legacy=legacy_superpixels, progress=progress)
+    if "verify" not in steps:
+        return None
+    report = verify_dataset(out_dir, info, expect_hw=expect_hw, expect_spacing=expect_spacing, progress=progress)
+    print(report.table())
+    if report_path is not None:
+        write_json(report.to_dict(), report_path)
+        print(f"wrote {report_path}")
+    return report
+
+
+def pipeline_parser(prog: str, description: str, steps: Sequence[str], raw_help: str,
+                    parity_help: str | None) -> argparse.ArgumentParser:
+    """Argument parser shared by the dataset pipelines (``--raw``, ``--out``, ``--steps``, ``--verify-only`` ...)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--raw", type=Path, default=None, help=raw_help)
+    parser.add_argument("--out", type=Path, required=True, help="processed output folder (created if needed)")
+    parser.add_argument("--work", type=Path, default=None,
+                        help="folder of the intermediate files between steps (default: OUT/intermediate)")
+    parser.add_argument("--steps", default=",".join(steps),
+                        help=f"comma-separated steps to run, in this order: {','.join(steps)} (default: all)")
+    parser.add_argument("--verify-only", action="store_true", help="only print the verification table of OUT")
+    parser.add_argument("--keep-intermediate", action="store_true",
+                        help="keep the intermediate files when one run does both of the first two steps "
+                             "(otherwise they are deleted once the second step has used them)")
+    parser.add_argument("--scans", default=None, help="comma-separated scan ids to convert (default: all found)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="processes for the superpixel step (default: all cores)")
+    parser.add_argument("--report", type=Path, default=None, help="also write the verification report as JSON")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    if parity_help is not None:
+        parser.add_argument("--parity", action="store_true", help=parity_help)
+    return parser
+
+
+def parse_steps(args: argparse.Namespace, steps: Sequence[str], parser: argparse.ArgumentParser) -> list[str]:
+    """Validated step list (``--verify-only`` means ``verify``); ``--raw`` is required by the first step."""
+    if args.verify_only:
+        return ["verify"]
+    chosen = [s.strip() for s in args.steps.split(",") if s.strip()]
+    unknown = [s for s in chosen if s not in steps]
+    if unknown or not chosen:
+        parser.error(f"unknown steps {unknown}; choose from {','.join(steps)}")
+    if steps[0] in chosen and args.raw is None:
+        parser.error(f"--raw is required for the step '{steps[0]}'")
+    if args.workers < 1:
+        parser.error("--workers must be >= 1")
+    return [s for s in steps if s in chosen]
+
+
+def parse_scan_list(text: str | None, parser: argparse.ArgumentParser) -> list[int] | None:
+    """``--scans 1,2,5`` -> ``[1, 2, 5]``."""
+    if text is None:
+        return None
+    try:
+        ids = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        parser.error(f"--scans expects comma-separated integers, got {text!r}")
+    if not ids:
+        parser.error("--scans needs at least one id")
+    return ids
+
+
+def remove_intermediate(work: Path, names: Sequence[str]) -> None:
+    """Delete the named intermediate files of a full run, then ``work`` itself if it is left empty."""
+    for name in names:
+        path = work / name
+        if path.is_file():
+            path.unlink()
+    if work.is_dir() and not any(work.iterdir()):
+        shutil.rmtree(work)
+    print(f"removed the intermediate files in {work} (keep them with --keep-intermediate)")
+
+
+# -------------------------------------------------------------------- CLI
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point: 0 when the folder passes, 1 when it has errors, 2 on a usage error."""
+    parser = argparse.ArgumentParser(prog="python -m data_preprocessing.verify", description=__doc__.split("\n")[0])
+    parser.add_argument("--data-dir", type=Path, default=None, help="processed folder (default: the dataset's)")
+    parser.add_argument("--dataset", required=True, help="registry name (e.g. SABS) or description file path")
+    parser.add_argument("--no-superpixels", action="store_true", help="do not require the superpixel files")
+    parser.add_argument("--no-classmap", action="store_true", help="do not require classmap_1.json")
+    parser.add_argument("--report", type=Path, default=None, help="also write the report as JSON")
+    args = parser.parse_args(argv)
+    try:
+        info = get_dataset_info(args.dataset)
+    except DatasetDescriptionError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    data_dir = args.data_dir if args.data_dir is not None else info.data_dir
+    report = verify_dataset(data_dir, info, superpixels=not args.no_superpixels, classmap=not args.no_classmap)
+    print(report.table())
+    if args.report is not None:
+        write_json(report.to_dict(), args.report)
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
