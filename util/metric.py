@@ -1,0 +1,113 @@
+"""The one metric API (STYLE 4.8): per-scan 3D Dice, precision and recall, aggregated per fold (SPEC 8.7).
+
+Life cycle: :meth:`Metric.record` once or several times per (scan, class) (e.g. once per chunk of slices; the
+counts add up), then :meth:`Metric.aggregate`, then :meth:`Metric.reset`.
+
+Conventions:
+
+- Counts TP, FP, FN are summed over every recorded slice of a (scan, class): a 3D metric.
+- Dice = 2TP / (2TP + FP + FN); precision = TP / (TP + FP); recall = TP / (TP + FN).
+- A ratio whose denominator is 0 is NaN: Dice with an empty prediction *and* an empty ground truth, precision
+  with an empty prediction, recall with an empty ground truth. NaN entries are left out of every mean and
+  standard deviation and listed in ``nan_entries`` of :meth:`Metric.aggregate` (flagged, never hidden).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    num, den = np.asarray(num, np.float64), np.asarray(den, np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
+
+
+def dice(tp: Any, fp: Any, fn: Any) -> np.ndarray:
+    """Dice = 2TP / (2TP + FP + FN), elementwise; NaN where prediction and ground truth are both empty."""
+    tp = np.asarray(tp, np.float64)
+    return _ratio(2 * tp, 2 * tp + np.asarray(fp) + np.asarray(fn))
+
+
+def precision(tp: Any, fp: Any) -> np.ndarray:
+    """Precision = TP / (TP + FP), elementwise; NaN where the prediction is empty."""
+    return _ratio(tp, np.asarray(tp, np.float64) + np.asarray(fp))
+
+
+def recall(tp: Any, fn: Any) -> np.ndarray:
+    """Recall = TP / (TP + FN), elementwise; NaN where the ground truth is empty."""
+    return _ratio(tp, np.asarray(tp, np.float64) + np.asarray(fn))
+
+
+def _nan_stats(a: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and population std over ``axis`` ignoring NaN; all-NaN slices give NaN without a warning."""
+    n = np.sum(~np.isnan(a), axis=axis)
+    total = np.nansum(a, axis=axis)
+    mean = _ratio(total, n)
+    dev = np.where(np.isnan(a), 0.0, a - np.expand_dims(np.nan_to_num(mean), axis))
+    std = np.sqrt(_ratio(np.sum(dev * dev, axis=axis), n))
+    return mean, std
+
+
+class Metric:
+    """Accumulates TP/FP/FN per (scan, class) and aggregates per-class and mean scores over scans."""
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[int, int], np.ndarray] = {}
+
+    def reset(self) -> None:
+        """Forget every recorded count."""
+        self.counts.clear()
+
+    def record(self, pred: np.ndarray, gt: np.ndarray, scan_id: int, class_id: int) -> None:
+        """Add the counts of one binary prediction against its ground truth.
+
+        Args:
+            pred: binary prediction, (Z, H, W) (any shape, restricted to the scored slices); nonzero = foreground.
+            gt: binary ground truth of the same shape.
+            scan_id: query scan id.
+            class_id: class id.
+        """
+        if pred.shape != gt.shape:
+            raise ValueError(f"scan {scan_id}, class {class_id}: prediction shape {pred.shape} != gt {gt.shape}")
+        p, g = np.asarray(pred, bool), np.asarray(gt, bool)
+        tp = int(np.count_nonzero(p & g))
+        add = np.array([tp, int(np.count_nonzero(p)) - tp, int(np.count_nonzero(g)) - tp], np.int64)
+        key = (int(scan_id), int(class_id))
+        self.counts[key] = self.counts.get(key, np.zeros(3, np.int64)) + add
+
+    def aggregate(self) -> dict[str, Any]:
+        """Scores over the recorded scans.
+
+        Returns:
+            ``class_dice``, ``class_precision``, ``class_recall`` ({class_id: mean over scans}),
+            ``class_dice_std`` (population std over scans), ``mean_dice`` (mean over scans of each scan's class
+            mean), ``mean_dice_std``, ``mean_precision``, ``mean_recall`` (same rule), ``per_scan`` (the raw
+            matrices: ``scan_ids``, ``class_ids``, and scan x class lists ``dice``, ``precision``, ``recall``,
+            ``tp``, ``fp``, ``fn``; NaN where not recorded), and ``nan_entries`` ([(scan, class, metric)]).
+        """
+        scans = sorted({s for s, _ in self.counts})
+        classes = sorted({c for _, c in self.counts})
+        cnt = np.full((len(scans), len(classes), 3), np.nan)
+        for (s, c), v in self.counts.items():
+            cnt[scans.index(s), classes.index(c)] = v
+        tp, fp, fn = cnt[..., 0], cnt[..., 1], cnt[..., 2]
+        scores = {"dice": dice(tp, fp, fn), "precision": precision(tp, fp), "recall": recall(tp, fn)}
+        out: dict[str, Any] = {}
+        for name, mat in scores.items():
+            per_class, per_class_std = _nan_stats(mat, axis=0)
+            scan_mean, _ = _nan_stats(mat, axis=1)
+            mean, std = _nan_stats(scan_mean[None], axis=1)
+            out[f"class_{name}"] = {c: float(v) for c, v in zip(classes, per_class)}
+            out[f"class_{name}_std"] = {c: float(v) for c, v in zip(classes, per_class_std)}
+            out[f"mean_{name}"] = float(mean[0])
+            out[f"mean_{name}_std"] = float(std[0])
+        recorded = ~np.isnan(tp)
+        out["nan_entries"] = [(scans[i], classes[j], name) for name, mat in scores.items()
+                              for i, j in zip(*np.nonzero(np.isnan(mat) & recorded))]
+        out["per_scan"] = {"scan_ids": scans, "class_ids": classes,
+                           **{k: v.tolist() for k, v in scores.items()},
+                           **{k: v.tolist() for k, v in (("tp", tp), ("fp", fp), ("fn", fn))}}
+        return out
