@@ -5,16 +5,16 @@
     torchrun --nproc_per_node=4 training.py with SABS          # several GPUs (DDP)
 
 The loop runs exactly ``n_steps`` optimiser steps. Episode i of the run is drawn from the generator (seed, i), so
-the data order does not depend on the worker count and a resumed run (``resume=True``) sees the episodes it would
-have seen. Checkpoints (atomic) hold model, optimizer, scheduler, step, config, RNG states and the normaliser.
+the data order does not depend on the worker count and a resumed run (``resume=True``, or
+``resume_from=<run folder | checkpoint>``) sees the episodes it would have seen. Checkpoints (atomic) hold model,
+optimizer, scheduler, step, config, RNG states, loss history and the normaliser (docs/troubleshooting.md).
 """
 
 from __future__ import annotations
 
-import json
 import math
+import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,8 +24,19 @@ from tqdm import tqdm
 from config_ssl_upload import ex
 from dataloaders.niftiio import write_json
 from models.losses import QUERY_CLASS_WEIGHTS, query_loss
-from util.checkpoint import latest_snapshot, load_checkpoint, plain_config, save_checkpoint, snapshot_path
+from util.checkpoint import load_checkpoint, load_model_weights, plain_config, save_checkpoint, snapshot_path
+from util.cli import run_cli
+from util.resume import (
+    LOSS_KEYS,
+    check_resume_config,
+    claim_run_dir,
+    find_resume_checkpoint,
+    restore_scheduler_milestones,
+    resume_history,
+)
 from util.run_setup import (
+    ConfigError,
+    all_ranks_true,
     build_model,
     build_training_dataset,
     check_training_data,
@@ -35,16 +46,6 @@ from util.run_setup import (
     setup_distributed,
 )
 from util.seeding import rng_state, seed_everything, set_deterministic, set_rng_state, worker_init_fn
-
-
-def load_train_log(run_dir: Path, start_step: int) -> dict[str, list[float]]:
-    """Per-step loss terms of this run so far (``train_log.json``), cut at ``start_step`` when resuming."""
-    path = run_dir / "train_log.json"
-    keys = ("loss", "query_loss", "align_loss")
-    if start_step == 0 or not path.is_file():
-        return {k: [] for k in keys}
-    log = json.loads(path.read_text())
-    return {k: list(log.get(k, []))[:start_step] for k in keys}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -80,23 +81,26 @@ def autocast_context(amp: str, device: torch.device):
 
 def train_step(model: torch.nn.Module, batch: dict[str, Any], optimizer: torch.optim.Optimizer,
                scaler: torch.amp.GradScaler | None, device: torch.device, amp: str, use_wce: bool,
-               usealign: bool, ignore_label: int, channels_last: bool = False) -> dict[str, float]:
+               usealign: bool, ignore_label: int) -> dict[str, float]:
     """One optimiser step on a batch of B episodes; returns the loss terms (``loss`` may be non-finite).
 
     Args:
         batch: ``support_images`` (B, S, 3, H, W), ``support_fg``/``support_bg`` (B, S, H, W),
             ``query_images`` (B, Q, 3, H, W), ``query_labels`` (B, Q, H, W) int64.
 
-    A non-finite loss skips the update (no optimizer step, weights untouched); the caller counts it.
+    A non-finite loss skips the update (no optimizer step; weights and BatchNorm statistics untouched); the caller
+    counts it. Under DDP the decision is taken on all ranks together. With ``channels_last`` the model converts its
+    encoder batch itself.
     """
     supp = batch["support_images"].to(device, non_blocking=True)
     qry = batch["query_images"].to(device, non_blocking=True)
-    if channels_last:
-        supp = supp.contiguous(memory_format=torch.channels_last) if supp.dim() == 4 else supp
     fg = batch["support_fg"].to(device, non_blocking=True)
     bg = batch["support_bg"].to(device, non_blocking=True)
     labels = batch["query_labels"].to(device, non_blocking=True)
     optimizer.zero_grad(set_to_none=True)
+    # BatchNorm running statistics change in the forward pass: keep a copy to undo them if the step is skipped
+    buffers = [b for b in model.buffers() if b.numel()]
+    saved_buffers = [b.detach().clone() for b in buffers]
     with autocast_context(amp, device):
         out = model(supp, fg, bg, qry, compute_align=usealign)
     logits = out.logits.float()  # (B*Q, 2, H, W), episode-major
@@ -106,7 +110,12 @@ def train_step(model: torch.nn.Module, batch: dict[str, Any], optimizer: torch.o
     loss = q_loss + align_loss
     terms = {"loss": float(loss.detach()), "query_loss": float(q_loss.detach()),
              "align_loss": float(align_loss.detach())}
-    if not math.isfinite(terms["loss"]):
+    if not all_ranks_true(math.isfinite(terms["loss"]), device):
+        # every rank skips together: a rank that stepped alone would leave DDP's gradient all-reduce waiting
+        terms["loss"] = math.nan
+        with torch.no_grad():
+            for buf, old in zip(buffers, saved_buffers):
+                buf.copy_(old)
         return terms
     if scaler is not None:
         scaler.scale(loss).backward()
@@ -118,11 +127,11 @@ def train_step(model: torch.nn.Module, batch: dict[str, Any], optimizer: torch.o
     return terms
 
 
-@ex.automain
+@ex.main
 def train(_run, _config: dict, _log, seed: int, n_steps: int, batch_size: int, num_workers: int, optim: dict,
          lr_milestones: list, lr_step_gamma: float, save_snapshot_every: int, print_interval: int, amp: str,
          use_wce: bool, usealign: bool, ignore_label: int, max_nonfinite_steps: int, resume: bool,
-         reload_model_path: str | None, deterministic: bool, channels_last: bool, optim_type: str,
+         reload_model_path: str | None, deterministic: bool, optim_type: str,
           episode_sampling: str) -> dict:
     # ------------------------------------------------------------------ setup
     t_start = time.perf_counter()
@@ -130,8 +139,13 @@ def train(_run, _config: dict, _log, seed: int, n_steps: int, batch_size: int, n
     device = resolve_device(_config, dist)
     seed_everything(seed + dist.rank)
     set_deterministic(deterministic)
-    run_dir = resolve_run_dir(_run, _config)
+    if deterministic:  # CUDA has no deterministic bilinear-upsampling backward or NLL loss: warn there, not fail
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    run_dir = resolve_run_dir(_run, _config, dist)  # under torchrun: rank 0's folder on every rank
     is_main = dist.rank == 0
+    if is_main:
+        claim_run_dir(run_dir)  # one training process per run folder
+    resume_path = find_resume_checkpoint(_config, run_dir)  # fails now, not after loading data, on a used run_dir
     if is_main:
         _log.info("run folder: %s | device: %s | world size: %d", run_dir, device, dist.world_size)
 
@@ -151,20 +165,25 @@ def train(_run, _config: dict, _log, seed: int, n_steps: int, batch_size: int, n
     scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
 
     # ------------------------------------------------------------------ resume / warm start
-    start_step = 0
-    resume_from = latest_snapshot(run_dir) if resume else None
-    if resume and resume_from is None:
+    start_step, history = 0, {k: [] for k in LOSS_KEYS}
+    if resume and resume_path is None:
         _log.warning("resume=True but %s has no snapshot: starting from step 0", run_dir / "snapshots")
-    if resume_from is not None:
-        ckpt = load_checkpoint(resume_from, map_location=device)
-        model.load_state_dict(ckpt["model"])
+    if resume_path is not None:
+        ckpt = load_checkpoint(resume_path, map_location=device)
+        changed = check_resume_config(ckpt.get("config"), _config, resume_path)
+        start_step = int(ckpt["step"])
+        if start_step > n_steps:
+            raise ConfigError(f"{resume_path} is at step {start_step}, past n_steps={n_steps}")
+        load_model_weights(model, ckpt["model"], resume_path)
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
+        restore_scheduler_milestones(scheduler, lr_milestones)
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"])
-        start_step = int(ckpt["step"])
-        _log.info("resumed from %s at step %d", resume_from, start_step)
+        history = resume_history(ckpt, resume_path, start_step)
+        _log.info("resumed from %s at step %d%s", resume_path, start_step,
+                  f" (changed keys: {changed})" if changed else "")
     elif reload_model_path:
         from models.weights import load_original_checkpoint
 
@@ -180,7 +199,7 @@ def train(_run, _config: dict, _log, seed: int, n_steps: int, batch_size: int, n
                         persistent_workers=False)
     model.train()
     consecutive_bad, skipped = 0, 0
-    history = load_train_log(run_dir, start_step)
+    seen_episodes: list[int] = []  # global episode indices this rank trained on (DDP runs only)
     bar = tqdm(loader, total=n_steps - start_step, initial=0, desc="train", disable=not is_main,
                dynamic_ncols=True, mininterval=1.0)
     step = start_step
@@ -198,8 +217,9 @@ def train(_run, _config: dict, _log, seed: int, n_steps: int, batch_size: int, n
             scheduler.step()
             step += 1
             continue
-        terms = train_step(ddp_model, batch, optimizer, scaler, device, amp, use_wce, usealign, ignore_label,
-                           channels_last)
+        if dist.world_size > 1:
+            seen_episodes.extend(batch["index"].tolist())  # for the cross-rank check at snapshots
+        terms = train_step(ddp_model, batch, optimizer, scaler, device, amp, use_wce, usealign, ignore_label)
         if not math.isfinite(terms["loss"]):
             consecutive_bad += 1
             skipped += 1
@@ -214,6 +234,9 @@ def train(_run, _config: dict, _log, seed: int, n_steps: int, batch_size: int, n
             consecutive_bad = 0
         scheduler.step()
         step += 1
+        snapshot_now = step % save_snapshot_every == 0 or step == n_steps
+        # collective on all ranks: identical weights, disjoint episodes (stored in rank 0's checkpoint)
+        ddp_report = dist.consistency_report(model, seen_episodes) if snapshot_now and dist.world_size > 1 else None
         if is_main:
             for key, value in terms.items():
                 history[key].append(value)
@@ -224,12 +247,12 @@ def train(_run, _config: dict, _log, seed: int, n_steps: int, batch_size: int, n
                 recent = history["loss"][-print_interval:]
                 _log.info("step %d: mean loss %.4f over the last %d steps", step, sum(recent) / len(recent),
                           len(recent))
-            if step % save_snapshot_every == 0 or step == n_steps:
+            if snapshot_now:
                 save_checkpoint({
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
                     "step": step, "config": plain_config(_config), "rng": rng_state(),
-                    "normalizer": dataset.normalizer.to_dict(),
+                    "normalizer": dataset.normalizer.to_dict(), "train_log": history, "ddp": ddp_report,
                     "fold": {"index": fold.index, "queries": list(fold.queries), "support": list(fold.support),
                              "train": list(fold.train)},
                 }, snapshot_path(run_dir, step))
@@ -242,3 +265,7 @@ def train(_run, _config: dict, _log, seed: int, n_steps: int, batch_size: int, n
         _log.info("done: %d steps in %.1f s, %d skipped; final checkpoint %s", n_steps - start_step, elapsed,
                   skipped, final)
     return {"final_checkpoint": final, "steps": step, "skipped_steps": skipped, "elapsed_s": elapsed}
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(ex, sys.argv, extra_errors=(NonFiniteLossError,)))

@@ -11,7 +11,10 @@ mean_dice, per_scan, checkpoint, elapsed_s, protocol details), the predicted vol
 from __future__ import annotations
 
 import math
+import shutil
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,7 +23,9 @@ from config_ssl_upload import ex
 from dataloaders import niftiio
 from dataloaders.manual_anno_dataset import load_annotated_scans
 from dataloaders.normalization import Normalizer, normalizer_from_scans
-from util.checkpoint import load_checkpoint
+from models.weights import StateDictMismatchError, load_original_checkpoint
+from util.checkpoint import load_checkpoint, state_dict_mismatch
+from util.cli import run_cli
 from util.inference import FastPredictor
 from util.protocol import evaluate_fold
 from util.run_setup import ConfigError, build_model, resolve_device, resolve_fold, resolve_run_dir
@@ -30,21 +35,55 @@ from util.seeding import seed_everything, set_deterministic
 _ARCH_KEYS = ("modelname", "proto_grid_size", "feature_hw")
 
 
-def check_checkpoint_config(stored: dict[str, Any] | None, config: dict[str, Any], path: str, log) -> None:
-    """Refuse a checkpoint trained with another architecture; warn when the dataset or fold differ."""
+def check_checkpoint_config(stored: dict[str, Any] | None, config: dict[str, Any], path: str, log,
+                            mismatch: str | None = None) -> None:
+    """Refuse a checkpoint trained with another architecture; warn when the dataset or fold differ.
+
+    Args:
+        mismatch: why the weights do not fit the model built from ``config`` (first missing/unexpected keys), added
+            to the message.
+    """
     if not stored:
         log.warning("%s holds no config (a plain state dict): trusting modelname=%s", path, config["modelname"])
         return
     for key in _ARCH_KEYS:
         if key in stored and stored[key] != config[key]:
             raise ConfigError(f"{path} was trained with {key}={stored[key]!r} but this run has "
-                              f"{key}={config[key]!r}; pass with {key}={stored[key]!r}")
+                              f"{key}={config[key]!r}; pass with {key}={stored[key]!r}"
+                              + (f"\n{mismatch}" if mismatch else ""))
     for key in ("dataset", "eval_fold", "setting", "label_sets"):
         if key in stored and stored[key] != config[key]:
             log.warning("checkpoint %s: %s=%r at training, %r now", path, key, stored[key], config[key])
     if stored.get("setting") == 2 and sorted(stored.get("exclude_cls_list", [])) != sorted(config["exclude_cls_list"]):
         log.warning("checkpoint %s excluded classes %s in training; evaluating with exclude_cls_list=%s",
                     path, stored.get("exclude_cls_list"), config["exclude_cls_list"])
+
+
+def write_predictions(predictions: dict[tuple[int, int], np.ndarray], geometry: dict[int, niftiio.Geometry],
+                      folder: Path) -> None:
+    """Write ``scan_<id>_label_<c>.nii.gz`` volumes into ``folder`` as a whole: all of them or none.
+
+    They are written into a temporary sibling folder which then replaces ``folder``, so a crash leaves either the
+    previous predictions or the new ones, never a mix.
+
+    Args:
+        predictions: {(scan id, class id): (Z, H, W) binary mask}.
+        geometry: scan id -> image geometry.
+    """
+    tmp = folder.with_name(f".tmp-{folder.name}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    for (sid, c), pred in predictions.items():
+        niftiio.write_volume(pred.astype(np.uint8) * np.uint8(c), tmp / f"scan_{sid}_label_{c}.nii.gz", geometry[sid])
+    old = folder.with_name(f".old-{folder.name}")
+    if folder.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        folder.rename(old)
+    tmp.rename(folder)
+    if old.exists():
+        shutil.rmtree(old)
 
 
 def format_table(result: dict[str, Any], class_names: dict[int, str], baseline: dict[str, Any] | None) -> str:
@@ -62,7 +101,7 @@ def format_table(result: dict[str, Any], class_names: dict[int, str], baseline: 
     return "\n".join(rows)
 
 
-@ex.automain
+@ex.main
 def validate(_run, _config: dict, _log, seed: int, reload_model_path: str | None, label_sets: int,
          eval_classes: list | None, n_sup_part: int, z_margin: int, val_wsize: int, eval_batch_size: int,
          save_predictions: bool, baseline: bool, protocol: str, deterministic: bool) -> dict:
@@ -77,15 +116,25 @@ def validate(_run, _config: dict, _log, seed: int, reload_model_path: str | None
         raise ConfigError("reload_model_path is not set: pass the checkpoint to evaluate, "
                           "e.g. reload_model_path=runs/.../snapshots/100000.pth")
 
-    # ------------------------------------------------------------------ data
+    # ------------------------------------------------------------------ fold and classes
     info, fold = resolve_fold(_config)
     classes = list(eval_classes) if eval_classes else info.test_classes(label_sets)
     unknown = [c for c in classes if c not in info.eval_classes]
     if unknown:
         raise ConfigError(f"eval_classes has ids {unknown} outside {info.name}'s evaluated classes "
                           f"{list(info.eval_classes)}")
+
+    # ------------------------------------------------------------------ checkpoint and model (before any scan is read)
     ckpt = load_checkpoint(reload_model_path, map_location="cpu")
-    check_checkpoint_config(ckpt.get("config"), _config, reload_model_path, _log)
+    model = build_model(_config, device, for_training=False)
+    mismatch = state_dict_mismatch(model, ckpt["model"], reload_model_path)
+    check_checkpoint_config(ckpt.get("config"), _config, reload_model_path, _log, mismatch)
+    if mismatch:
+        raise StateDictMismatchError(mismatch)
+    load_original_checkpoint(model, ckpt["model"])
+    model.eval()
+
+    # ------------------------------------------------------------------ scans
     if ckpt.get("normalizer"):
         normalizer = Normalizer.from_dict(ckpt["normalizer"])
     else:  # a plain state dict: recompute CT statistics from the fold's training scans (Q16)
@@ -100,12 +149,6 @@ def validate(_run, _config: dict, _log, seed: int, reload_model_path: str | None
             raise ConfigError(f"support scan {sid} of fold {fold.index} holds no pixel of classes "
                               f"{[info.labels[c] for c in present]}; choose another support_idx")
 
-    # ------------------------------------------------------------------ model
-    model = build_model(_config, device, for_training=False)
-    from models.weights import load_original_checkpoint
-
-    load_original_checkpoint(model, ckpt["model"])
-    model.eval()
     predictor = FastPredictor(model, device, window=val_wsize, batch_size=eval_batch_size)
 
     # ------------------------------------------------------------------ evaluate
@@ -120,14 +163,13 @@ def validate(_run, _config: dict, _log, seed: int, reload_model_path: str | None
                              n_part=n_sup_part, z_margin=z_margin, class_names=info.labels)
         baseline_result = base.to_json_dict()
 
-    # ------------------------------------------------------------------ write
-    for scan_class, pred in fold_result.predictions.items():
-        if not save_predictions:
-            break
-        sid, c = scan_class
-        out = run_dir / "interm_preds" / f"scan_{sid}_label_{c}.nii.gz"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        niftiio.write_volume(pred.astype(np.uint8) * np.uint8(c), out, geometry[sid])
+    for sid, c in fold_result.skipped:
+        _log.warning("query scan %d holds no %s: not scored for that class (listed under 'skipped' in results.json)",
+                     sid, info.labels[c])
+
+    # ------------------------------------------------------------------ write (only after everything succeeded)
+    if save_predictions:
+        write_predictions(fold_result.predictions, geometry, run_dir / "interm_preds")
     for c in classes:
         value = result["class_dice"].get(str(c))
         if value is not None:
@@ -154,3 +196,6 @@ def validate(_run, _config: dict, _log, seed: int, reload_model_path: str | None
           f"queries {list(fold.queries)}, Dice (%):\n{table}\nresults: {run_dir / 'results.json'}")
     return {"mean_dice": summary["mean_dice"], "results": str(run_dir / "results.json")}
 
+
+if __name__ == "__main__":
+    sys.exit(run_cli(ex, sys.argv))

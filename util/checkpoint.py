@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from models.weights import ASPP_PREFIX, StateDictMismatchError, check_state_dict_fits, load_original_checkpoint
+
 SNAPSHOT_PATTERN = re.compile(r"^(\d+)\.pth$")
 
 
@@ -29,7 +31,8 @@ class CheckpointError(ValueError):
 def save_checkpoint(obj: dict[str, Any], path: str | Path) -> Path:
     """Write ``obj`` with ``torch.save`` to a temporary name in the same folder, fsync, then rename.
 
-    A crash (even SIGKILL) during the write leaves the previous file, never a truncated one.
+    A crash (even SIGKILL) during the write leaves the previous file, never a truncated one; the folder is synced
+    after the rename, so the new name also survives a power cut.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -40,6 +43,11 @@ def save_checkpoint(obj: dict[str, Any], path: str | Path) -> Path:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -59,6 +67,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, pickle.UnpicklingError) as err:
         msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if msg.startswith("Weights only load failed"):  # torch's advice to drop weights_only does not apply here
+            msg = "not a torch.save file, or it holds Python objects besides tensors and plain containers"
         raise CheckpointError(f"{path}: corrupt or not a PyTorch checkpoint ({msg})") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict, got {type(obj).__name__}")
@@ -67,6 +77,33 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             return {"model": obj}
         raise CheckpointError(f"{path}: neither a checkpoint (no 'model' entry) nor a plain state dict")
     return obj
+
+
+def state_dict_mismatch(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> str | None:
+    """Why ``state`` does not fit ``model`` (first missing, unexpected and mis-shaped keys), or ``None`` if it fits.
+
+    The original's unused ``encoder.aspp*`` keys are ignored unless the model builds them (Q7).
+    """
+    expected = model.state_dict()
+    if not any(k.startswith(ASPP_PREFIX) for k in expected):
+        state = {k: v for k, v in state.items() if not k.startswith(ASPP_PREFIX)}
+    try:
+        check_state_dict_fits(expected, state, str(path))
+    except StateDictMismatchError as err:
+        return str(err)
+    return None
+
+
+def load_model_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Load a checkpoint's ``model`` state dict into ``model``, strictly.
+
+    Raises:
+        StateDictMismatchError: another architecture; the message names ``path`` and the first offending keys.
+    """
+    message = state_dict_mismatch(model, state, path)
+    if message is not None:
+        raise StateDictMismatchError(message)
+    load_original_checkpoint(model, state)
 
 
 def plain_config(obj: Any) -> Any:

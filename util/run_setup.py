@@ -5,12 +5,14 @@ Each function reads the resolved Sacred config (a dict) and raises a short error
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from dataloaders import niftiio
 from dataloaders.dataset_info import DatasetInfo, Fold, get_dataset_info
@@ -35,8 +37,15 @@ def resolve_device(config: dict[str, Any], dist: DistContext | None = None) -> t
     return device
 
 
-def resolve_run_dir(run: Any, config: dict[str, Any]) -> Path:
-    """Folder for snapshots/ and results: ``run_dir`` if set, else the file observer's run folder."""
+def resolve_run_dir(run: Any, config: dict[str, Any], dist: DistContext | None = None) -> Path:
+    """Folder for snapshots/ and results: ``run_dir`` if set, else the file observer's run folder.
+
+    Under torchrun (``dist`` with world size > 1) rank 0 resolves the folder (only it has an observer) and every
+    rank gets rank 0's answer, so all ranks read and resume from the same snapshots.
+    """
+    if dist is not None and dist.world_size > 1:
+        path = dist.broadcast_object(str(resolve_run_dir(run, config)) if dist.rank == 0 else None)
+        return Path(path)
     if config["run_dir"]:
         path = Path(config["run_dir"])
     else:
@@ -80,8 +89,16 @@ def resolve_fold(config: dict[str, Any]) -> tuple[DatasetInfo, Fold]:
 
 
 def check_training_data(config: dict[str, Any], info: DatasetInfo, fold: Fold) -> None:
-    """Fail early, naming the file, when a training scan lacks its superpixels or the class map is stale."""
+    """Fail early, naming the file: missing superpixels, a missing or stale class map, bad config lists, or a scan
+    of the fold (held-out ones included) whose image or label is truncated, off the image grid, or holds label ids
+    the dataset does not define."""
     data_dir = Path(config["data_dir"])
+    for key in ("n_steps", "batch_size", "save_snapshot_every", "print_interval", "max_nonfinite_steps"):
+        if isinstance(config[key], bool) or not isinstance(config[key], int) or config[key] < 1:
+            raise ConfigError(f"{key}={config[key]!r} must be a positive integer")
+    if not fold.train:
+        raise ConfigError(f"fold {fold.index} with n_shots={config['n_shots']} holds out every scan "
+                          f"{list(fold.held_out)}: no training scan is left")
     for sid in fold.train:
         path = niftiio.superpix_path(data_dir, sid, config["superpix_scale"])
         if not path.is_file():
@@ -95,6 +112,9 @@ def check_training_data(config: dict[str, Any], info: DatasetInfo, fold: Fold) -
     if unknown:
         raise ConfigError(f"exclude_cls_list has ids {unknown} that {info.name} does not define "
                           f"({info.class_names})")
+    # Every scan of the fold, held-out ones included, so that a day of training never ends on a broken label file.
+    for sid in tqdm(sorted(set(fold.train) | set(fold.held_out)), desc="checking scans", leave=False):
+        niftiio.load_scan(data_dir, sid, with_label=True, known_labels=set(info.labels))
 
 
 def build_training_dataset(config: dict[str, Any], info: DatasetInfo, fold: Fold):
@@ -139,9 +159,10 @@ def build_model(config: dict[str, Any], device: torch.device, for_training: bool
     )
     model = model.to(device)
     if config.get("channels_last"):
+        # FewShotSeg.encode converts its 4D encoder batch to this layout when the weights are channels_last
         model = model.to(memory_format=torch.channels_last)
     if config.get("compile"):
-        model.encoder = torch.compile(model.encoder)
+        model.encoder.compile()  # in place: state-dict keys stay "encoder.*" (torch.compile(m) adds "_orig_mod.")
     return model
 
 
@@ -155,30 +176,132 @@ class DistContext:
     world_size: int = 1
 
     def wrap(self, model: torch.nn.Module, config: dict[str, Any]) -> torch.nn.Module:
-        """DistributedDataParallel around ``model`` when world size > 1 (optional SyncBatchNorm)."""
+        """DistributedDataParallel around ``model`` when world size > 1 (optional SyncBatchNorm).
+
+        DDP broadcasts rank 0's parameters and buffers when it wraps the model, so every rank starts from the same
+        weights whatever its own initialisation; gradients are averaged over ranks at every step.
+
+        Raises:
+            ConfigError: ``episode_sampling="legacy"`` (its empty-foreground steps are skipped on one rank only,
+                which would stall the others' gradient all-reduce); ``sync_bn=True`` on CPU (PyTorch's
+                SyncBatchNorm needs GPUs).
+        """
         if self.world_size == 1:
             return model
         from torch.nn.parallel import DistributedDataParallel
 
+        if config.get("episode_sampling") == "legacy":
+            raise ConfigError("episode_sampling='legacy' (single-process parity mode) cannot run under torchrun; "
+                              "use the default 'compact' sampling for multi-GPU training")
+        on_gpu = next(model.parameters()).is_cuda
         if config.get("sync_bn"):
+            if not on_gpu:
+                raise ConfigError("sync_bn=True needs CUDA devices (PyTorch's SyncBatchNorm has no CPU kernel); "
+                                  "drop sync_bn for CPU (gloo) runs")
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        device_ids = [self.local_rank] if next(model.parameters()).is_cuda else None
+        device_ids = [self.local_rank] if on_gpu else None
         return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=False)
 
     def cleanup(self) -> None:
+        """Destroy the process group (a no-op in one process)."""
         if self.world_size > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
+    def broadcast_object(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` (picklable) on every rank; ``obj`` itself in one process."""
+        if self.world_size == 1:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def consistency_report(self, model: torch.nn.Module, episodes: list[int]) -> dict[str, Any]:
+        """Check across ranks that the weights are identical and that the ranks drew different episodes.
+
+        Collective: every rank must call it at the same step. Rank 0 stores the result in its checkpoint.
+
+        Args:
+            model: the unwrapped model.
+            episodes: the global episode indices this rank has trained on since the run (or resume) started.
+
+        Returns:
+            ``world_size``; ``in_sync`` (every rank's per-tensor checksums equal rank 0's); ``mismatched`` (names of
+            differing tensors, at most 10); ``checksums`` (per rank, the sums over tensors of the two checksums of
+            :func:`state_checksums`); ``episodes_per_rank``; ``episodes_first`` (per rank, its first 8 indices);
+            ``episodes_shared`` (indices drawn by more than one rank; 0 expected).
+        """
+        names, sums = state_checksums(model)
+        device = next(model.parameters()).device
+        local = sums.to(device)
+        gathered = [torch.empty_like(local) for _ in range(self.world_size)]
+        torch.distributed.all_gather(gathered, local)
+        all_sums = [g.cpu() for g in gathered]
+        seen: list[list[int] | None] = [None] * self.world_size
+        torch.distributed.all_gather_object(seen, [int(i) for i in episodes])
+        differs = torch.zeros(len(names), dtype=torch.bool)
+        for other in all_sums[1:]:
+            differs |= (other != all_sums[0]).any(dim=1)
+        counts: dict[int, int] = {}
+        for rank_eps in seen:
+            for i in set(rank_eps):
+                counts[i] = counts.get(i, 0) + 1
+        report = {
+            "world_size": self.world_size,
+            "in_sync": not bool(differs.any()),
+            "mismatched": [names[i] for i in differs.nonzero().flatten()[:10].tolist()],
+            "checksums": [[float(v) for v in s.sum(dim=0)] for s in all_sums],
+            "episodes_per_rank": [len(e) for e in seen],
+            "episodes_first": [list(e[:8]) for e in seen],
+            "episodes_shared": sum(1 for c in counts.values() if c > 1),
+        }
+        if not report["in_sync"]:
+            logging.getLogger(__name__).error("DDP ranks hold different weights (%s): the run is not data-parallel "
+                                              "any more", report["mismatched"])
+        return report
+
+
+def state_checksums(model: torch.nn.Module) -> tuple[list[str], torch.Tensor]:
+    """Per-tensor checksums of a model's state dict, to compare weights across processes cheaply.
+
+    Returns:
+        The tensor names (sorted) and a (T, 2) float64 CPU tensor: per tensor, the sum of its values and the sum
+        weighted by position (i + 1) / n, which also changes when values are permuted. Bitwise equal tensors give
+        bitwise equal checksums.
+    """
+    state = model.state_dict()
+    names = sorted(state)
+    rows = []
+    for name in names:
+        x = state[name].detach().flatten().double()
+        weights = torch.arange(1, x.numel() + 1, dtype=torch.float64, device=x.device) / max(x.numel(), 1)
+        rows.append(torch.stack([x.sum(), (x * weights).sum()]).cpu())
+    return names, torch.stack(rows) if rows else torch.zeros(0, 2, dtype=torch.float64)
+
+
+def all_ranks_true(flag: bool, device: torch.device) -> bool:
+    """True when ``flag`` holds on every rank (an all-reduce under torchrun; ``flag`` itself in one process)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return flag
+    if torch.distributed.get_world_size() == 1:
+        return flag
+    bad = torch.tensor([0.0 if flag else 1.0], device=device)
+    torch.distributed.all_reduce(bad)
+    return float(bad.item()) == 0.0
+
 
 def setup_distributed() -> DistContext:
-    """Initialise the process group when launched by torchrun (env RANK/WORLD_SIZE), NCCL on CUDA, else gloo."""
+    """Initialise the process group when launched by torchrun (env RANK/WORLD_SIZE).
+
+    Backends: gloo without CUDA; with CUDA, NCCL for CUDA tensors and gloo for CPU tensors (so ``device=cpu`` runs
+    on a GPU machine work too).
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return DistContext()
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if not torch.distributed.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
+        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
             torch.cuda.set_device(local_rank)
         torch.distributed.init_process_group(backend=backend)
     return DistContext(rank=rank, local_rank=local_rank, world_size=world)

@@ -1,0 +1,112 @@
+"""Command-line wrapper of the Sacred scripts: short messages for the project's own errors, real tracebacks for bugs.
+
+``python training.py with ...`` and ``python validation.py with ...`` end in :func:`run_cli`. Exit codes:
+
+- 0: the run completed;
+- 1: a bug or an unexpected failure: Sacred prints the (filtered) traceback, nothing is hidden (Q4);
+- 2: bad input (a project error below, or a Sacred config error such as a misspelt key): one line
+  ``error: <message>`` naming the file, key or scan; the observer's ``run.json`` still records the failure with the
+  full traceback;
+- 130 / 143: interrupted by Ctrl-C (SIGINT) / SIGTERM (e.g. a cluster pre-empting the job): the observer records
+  ``INTERRUPTED``; snapshots already written are complete, so ``resume=True`` continues the run.
+
+In-process use (``ex.run(...)`` in tests and notebooks) is not wrapped and raises the normal exceptions.
+``--debug`` / ``--pdb`` on the command line also keep the raw exception.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from types import FrameType
+from typing import Any
+
+from sacred import Experiment
+from sacred.utils import SacredError, format_sacred_error
+
+from data_preprocessing.verify import RawDataError
+from dataloaders.dataset_info import DatasetDescriptionError
+from dataloaders.niftiio import DataFormatError
+from models.weights import PretrainedWeightsUnavailable, StateDictMismatchError
+from util.checkpoint import CheckpointError
+from util.run_setup import ConfigError
+
+# Errors that mean "your input is wrong" (data, config, checkpoint, environment), never "the code is wrong".
+PROJECT_ERRORS: tuple[type[BaseException], ...] = (
+    DataFormatError, DatasetDescriptionError, ConfigError, CheckpointError, StateDictMismatchError,
+    PretrainedWeightsUnavailable, RawDataError,
+)
+EXIT_OK, EXIT_FAILURE, EXIT_USER_ERROR = 0, 1, 2
+EXIT_SIGINT, EXIT_SIGTERM = 128 + signal.SIGINT, 128 + signal.SIGTERM
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM received; Sacred treats it like Ctrl-C and marks the run ``INTERRUPTED``."""
+
+    STATUS = "INTERRUPTED"
+
+
+def _raise_terminated(signum: int, frame: FrameType | None) -> None:
+    raise Terminated(f"signal {signum}")
+
+
+def error_line(err: BaseException) -> str:
+    """``error: <message>`` (the message may continue on indented lines, e.g. a list of checkpoint keys)."""
+    text = str(err).strip() or type(err).__name__
+    return f"error: {text}"
+
+
+def run_cli(ex: Experiment, argv: Sequence[str] | None = None,
+            extra_errors: tuple[type[BaseException], ...] = ()) -> int:
+    """Run ``ex``'s command line and return the process exit code (see the module docstring).
+
+    Sacred's ``run_commandline`` prints a traceback for every exception and exits with 1; here the call to
+    ``ex.run`` it makes is wrapped (for this call only) so that project errors become one ``error:`` line and exit
+    code 2. The run itself has already recorded the failure (status ``FAILED`` and the traceback in the file
+    observer's ``run.json``) when the wrapper sees the exception.
+
+    Args:
+        ex: the experiment (``config_ssl_upload.ex``).
+        argv: the command line, ``sys.argv`` style (default: ``sys.argv``).
+        extra_errors: more exception types to treat as project errors (e.g. training's ``NonFiniteLossError``).
+
+    Returns:
+        The exit code; the caller passes it to ``sys.exit``.
+    """
+    errors = PROJECT_ERRORS + tuple(extra_errors)
+    original_run = ex.run
+    short_usage = ex.get_usage()[0]
+
+    def guarded_run(*args: Any, **kwargs: Any) -> Any:
+        options = kwargs.get("options") or {}
+        if options.get("--debug") or options.get("--pdb"):
+            return original_run(*args, **kwargs)
+        try:
+            return original_run(*args, **kwargs)
+        except errors as err:
+            print(error_line(err), file=sys.stderr, flush=True)
+            raise SystemExit(EXIT_USER_ERROR) from err
+        except SacredError as err:  # misspelt or missing config keys: Sacred's own message, no traceback
+            print(format_sacred_error(err, short_usage), file=sys.stderr, flush=True)
+            raise SystemExit(EXIT_USER_ERROR) from err
+
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
+    ex.run = guarded_run  # instance attribute: shadows Experiment.run for run_commandline only
+    try:
+        ex.run_commandline(list(argv) if argv is not None else None)
+    except SystemExit as stop:
+        code = stop.code
+        return EXIT_OK if code is None else code if isinstance(code, int) else EXIT_FAILURE
+    except KeyboardInterrupt as stop:
+        terminated = isinstance(stop, Terminated)
+        print(f"interrupted ({'SIGTERM' if terminated else 'Ctrl-C'}); snapshots written so far are complete: "
+              "continue with resume=True", file=sys.stderr, flush=True)
+        return EXIT_SIGTERM if terminated else EXIT_SIGINT
+    finally:
+        del ex.run
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous_sigterm)
+    return EXIT_OK
