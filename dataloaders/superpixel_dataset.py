@@ -159,8 +159,9 @@ class SuperpixelEpisodeDataset(Dataset):
         nonempty = np.array([ids.size > 0 for ids in self.present_ids])
         self.eligible = np.flatnonzero(nonempty & ~self.excluded)
         if self.eligible.size == 0:
-            raise ValueError(f"no eligible training slice in scans {self.scan_ids} (every slice is empty or "
-                             f"excluded by {self.exclude_classes}, rule '{exclusion_rule}')")
+            raise niftiio.DataFormatError(
+                f"no eligible training slice in scans {self.scan_ids} (every slice is empty or excluded by "
+                f"{self.exclude_classes}, rule '{exclusion_rule}')")
         n_slices = self.slice_z.size
         self._candidates = self.eligible if episode_sampling == "compact" else np.arange(n_slices)
         self.n_episodes = int(n_episodes) if n_episodes is not None else int(self._candidates.size)

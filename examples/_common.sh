@@ -17,7 +17,7 @@ train_one() {
   local dir="$RUNS/$ds/setting$s/sets_$g/fold$k"
   echo ">>> training $ds setting $s label group $g fold $k -> $dir"
   $PY training.py with "$ds" "setting$s" label_sets="$g" eval_fold="$k" n_steps="$NSTEPS" \
-      run_dir="$dir" path.log_dir="$RUNS/sacred" "$@"
+      run_dir="$dir" path.log_dir="$RUNS/sacred" resume=True "$@"   # resume: re-running continues or skips
 }
 
 # test_one DATASET SETTING LABEL_SET FOLD TRAIN_LABEL_SET [extra overrides...]

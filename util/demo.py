@@ -127,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     steps = [f"n_steps={args.steps}"] if args.steps else []
     _step("training (demo config)")
     t_train = time.perf_counter()
-    run([sys.executable, "training.py", "with", "demo", *common, *steps])
+    # resume=True: a finished run is not trained again, an interrupted one continues
+    run([sys.executable, "training.py", "with", "demo", *common, *steps, "resume=True"])
     train_s = time.perf_counter() - t_train
     snapshots = args.out / "snapshots"
     final = max(snapshots.glob("*.pth"), key=lambda p: int(p.stem))
