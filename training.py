@@ -7,7 +7,7 @@
 The loop runs exactly ``n_steps`` optimiser steps. Episode i of the run is drawn from the generator (seed, i), so
 the data order does not depend on the worker count and a resumed run (``resume=True``, or
 ``resume_from=<run folder | checkpoint>``) sees the episodes it would have seen. Checkpoints (atomic) hold model,
-optimizer, scheduler, step, config, RNG states, loss history and the normaliser (docs/troubleshooting.md).
+optimizer, scheduler, step, config, RNG states, loss history and the normaliser (README, "When something goes wrong").
 """
 
 from __future__ import annotations
