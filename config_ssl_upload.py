@@ -155,12 +155,13 @@ def demo():
     modelname = "lite_gn"
     use_coco_init = False
     num_workers = 1
-    n_steps = 1500
-    lr_milestones = [1000]
+    # 3000 steps take ~8 min on 2 CPU cores; lr 1e-2 beat 2e-2 and 5e-3 on fold 0 (mean Dice 0.71 / 0.65 / 0.70)
+    n_steps = 3000
+    lr_milestones = [2300]
     lr_step_gamma = 0.1
     optim = {"lr": 1e-2, "momentum": 0.9, "weight_decay": 5e-4}
-    save_snapshot_every = 500
-    print_interval = 50
+    save_snapshot_every = 1000
+    print_interval = 250
     eval_classes = [1, 2, 3, 4]
     exp_prefix = "demo"
 
