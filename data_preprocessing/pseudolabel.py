@@ -3,7 +3,10 @@
 For every ``image_<id>.nii.gz`` (un-normalised, as stored) it writes ``superpix-<SCALE>_<id>.nii.gz`` (int32 ids,
 0 outside the body) and ``fgmask_<id>.nii.gz`` (uint8 body mask), both with the image geometry, atomically.
 Slices are processed independently, in a process pool when ``workers > 1``; the output does not depend on the
-worker count.
+worker count. Parallel runs give each worker whole scans when there are enough of them (at least two per worker,
+largest first); the worker reads the image, computes it and writes both files itself, so no array crosses a
+process boundary. With fewer scans, scans are split into blocks of consecutive slices; a block's ids and masks
+go back to the main process, which writes the scan once all its blocks are in.
 
 Usage::
 
@@ -14,11 +17,12 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import math
+import multiprocessing
 import os
 import sys
 import time
-from concurrent.futures import Executor, ProcessPoolExecutor
-from itertools import repeat
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +34,7 @@ from data_preprocessing.superpixels import SCALE_MODES, scale_params, superpixel
 from dataloaders.dataset_info import DatasetDescriptionError, DatasetInfo, get_dataset_info
 from dataloaders.niftiio import (
     DataFormatError,
+    Geometry,
     fgmask_path,
     image_path,
     list_scan_ids,
@@ -38,10 +43,68 @@ from dataloaders.niftiio import (
     write_volume,
 )
 
+_BLOCKS_PER_WORKER = 2  # parallel runs: at least this many tasks per worker, so the last ones finish together
+_WORKER_IMAGE: dict[str, tuple[np.ndarray, Geometry]] = {}  # per worker process: the last image read
 
-def _slice_job(slice2d: np.ndarray, params: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-    """Pool task: :func:`superpixel_slice` of one (H, W) slice with keyword ``params``."""
-    return superpixel_slice(slice2d, **params)
+
+def _superpixel_block(image: np.ndarray, params: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, int]:
+    """Superpixel ids (int32) and body masks (uint8) of the (n, H, W) slices, and the number of superpixels."""
+    ids = np.zeros(image.shape, dtype=np.int32)
+    mask = np.zeros(image.shape, dtype=np.uint8)
+    count = 0
+    for k, slice2d in enumerate(image):
+        ids[k], mask[k] = superpixel_slice(slice2d, **params)
+        count += len(np.unique(ids[k])) - int(ids[k].min() == 0)
+    return ids, mask, count
+
+
+def _block_job(path: str, z0: int, z1: int, params: dict[str, Any],
+               outputs: tuple[str, str] | None = None) -> tuple[np.ndarray | None, np.ndarray | None, int, Geometry]:
+    """Pool task: read the image at ``path`` (kept for the next block of the same scan) and do slices z0..z1-1.
+
+    With ``outputs`` (superpix path, fgmask path; whole scans only) the task writes the files itself and returns
+    no arrays.
+    """
+    if outputs is not None:
+        image, geom = read_volume(path)
+        ids, mask, count = _superpixel_block(image, params)
+        write_volume(ids, outputs[0], geometry=geom)
+        write_volume(mask, outputs[1], geometry=geom)
+        return None, None, count, geom
+    if path not in _WORKER_IMAGE:
+        _WORKER_IMAGE.clear()
+        _WORKER_IMAGE[path] = read_volume(path)
+    image, geom = _WORKER_IMAGE[path]
+    return (*_superpixel_block(image[z0:z1], params), geom)
+
+
+def plan_blocks(n_slices: dict[int, int], workers: int) -> list[tuple[int, int, int]]:
+    """Split scans into blocks of consecutive slices for ``workers`` processes, largest blocks first.
+
+    Each scan is cut into ``ceil(2 * workers / n_scans)`` near-equal blocks (at most one per slice), so that there
+    are at least two tasks per worker (whole scans when there are enough scans); submitting the largest first
+    keeps the workers' finishing times close.
+
+    Args:
+        n_slices: scan id -> number of slices.
+        workers: number of processes.
+
+    Returns:
+        ``(scan_id, z_start, z_stop)`` blocks covering every slice once.
+    """
+    per_scan = max(1, math.ceil(_BLOCKS_PER_WORKER * workers / max(len(n_slices), 1)))
+    blocks = []
+    for sid, n in n_slices.items():
+        k = min(per_scan, n)
+        bounds = [round(i * n / k) for i in range(k + 1)]
+        blocks += [(sid, bounds[i], bounds[i + 1]) for i in range(k) if bounds[i + 1] > bounds[i]]
+    return sorted(blocks, key=lambda b: (b[1] - b[2], b[0], b[1]))
+
+
+def _pool_context() -> multiprocessing.context.BaseContext:
+    """``fork`` where available (workers start in milliseconds, modules already imported), else the default."""
+    methods = multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("fork" if "fork" in methods else None)
 
 
 def _n_slices(path: Path) -> int:
@@ -94,34 +157,57 @@ def generate_pseudolabels(data_dir: str | Path, info: DatasetInfo, workers: int 
     params = dict(scale_params(scale), threshold=info.body_threshold, legacy=legacy)
     data_dir = Path(data_dir)
     ids = _select_scans(data_dir, scan_ids)
-    total = sum(_n_slices(image_path(data_dir, sid)) for sid in ids)
+    sizes = {sid: _n_slices(image_path(data_dir, sid)) for sid in ids}
+    total = sum(sizes.values())
 
     start = time.perf_counter()
-    written: list[Path] = []
+    outputs: dict[int, tuple[Path, Path]] = {}
     n_slices = n_superpixels = 0
-    pool: Executor | None = ProcessPoolExecutor(max_workers=workers) if workers > 1 else None
-    try:
+
+    def write(sid: int, superpix: np.ndarray, mask: np.ndarray, geom: Geometry) -> None:
+        outputs[sid] = (write_volume(superpix, superpix_path(data_dir, sid, scale), geometry=geom),
+                        write_volume(mask, fgmask_path(data_dir, sid), geometry=geom))
+
+    if workers == 1:
         with tqdm(total=total, disable=not progress, unit="slice", desc=f"superpixels {info.name}") as bar:
             for sid in ids:
                 image, geom = read_volume(image_path(data_dir, sid))
-                slices = list(image)
-                if pool is None:
-                    results = map(_slice_job, slices, repeat(params))
-                else:
-                    chunk = max(1, len(slices) // (4 * workers))
-                    results = pool.map(_slice_job, slices, repeat(params), chunksize=chunk)
-                superpix = np.zeros(image.shape, dtype=np.int32)
-                fgmask = np.zeros(image.shape, dtype=np.uint8)
-                for z, (ids2d, mask2d) in enumerate(results):
-                    superpix[z], fgmask[z] = ids2d, mask2d
-                    n_superpixels += np.count_nonzero(np.unique(ids2d))
-                    bar.update(1)
-                n_slices += image.shape[0]
-                written.append(write_volume(superpix, superpix_path(data_dir, sid, scale), geometry=geom))
-                written.append(write_volume(fgmask, fgmask_path(data_dir, sid), geometry=geom))
-    finally:
-        if pool is not None:
+                sp, mask, count = _superpixel_block(image, params)
+                write(sid, sp, mask, geom)
+                n_slices, n_superpixels = n_slices + image.shape[0], n_superpixels + count
+                bar.update(image.shape[0])
+    else:
+        blocks = plan_blocks(sizes, workers)
+        left = {sid: sum(1 for b in blocks if b[0] == sid) for sid in ids}
+        partial: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=_pool_context())  # before tqdm's thread
+        try:
+            jobs: dict[Future, tuple[int, int, int]] = {}
+            for sid, z0, z1 in blocks:
+                whole = (str(superpix_path(data_dir, sid, scale)), str(fgmask_path(data_dir, sid))) \
+                    if left[sid] == 1 else None
+                jobs[pool.submit(_block_job, str(image_path(data_dir, sid)), z0, z1, params, whole)] = (sid, z0, z1)
+            with tqdm(total=total, disable=not progress, unit="slice", desc=f"superpixels {info.name}") as bar:
+                for job in as_completed(jobs):
+                    sid, z0, z1 = jobs[job]
+                    sp_block, mask_block, count, geom = job.result()
+                    if sp_block is None:  # a whole scan, written by the worker
+                        outputs[sid] = (superpix_path(data_dir, sid, scale), fgmask_path(data_dir, sid))
+                        n_slices, n_superpixels = n_slices + (z1 - z0), n_superpixels + count
+                        bar.update(z1 - z0)
+                        continue
+                    if sid not in partial:
+                        shape = (sizes[sid], *sp_block.shape[1:])
+                        partial[sid] = (np.zeros(shape, np.int32), np.zeros(shape, np.uint8))
+                    partial[sid][0][z0:z1], partial[sid][1][z0:z1] = sp_block, mask_block
+                    n_slices, n_superpixels = n_slices + (z1 - z0), n_superpixels + count
+                    bar.update(z1 - z0)
+                    left[sid] -= 1
+                    if left[sid] == 0:
+                        write(sid, *partial.pop(sid), geom)
+        finally:
             pool.shutdown(cancel_futures=True)
+    written = [p for sid in ids for p in outputs[sid]]
     seconds = time.perf_counter() - start
     mean = n_superpixels / max(n_slices, 1)
     print(f"pseudolabels {info.name} ({scale}, {'legacy' if legacy else 'compact'} ids, {workers} workers): "

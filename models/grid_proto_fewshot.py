@@ -133,8 +133,22 @@ class FewShotSeg(nn.Module):
     # ------------------------------------------------------------------------------------------- building blocks
 
     def encode(self, imgs: torch.Tensor) -> torch.Tensor:
-        """Encode images: (N, 3, H, W) -> (N, 256, h, w), h = ceil(H / 8)."""
+        """Encode images: (N, 3, H, W) -> (N, 256, h, w), h = ceil(H / 8).
+
+        When the encoder's weights are in ``channels_last`` layout (``model.to(memory_format=torch.channels_last)``),
+        the batch is converted to that layout too, so convolutions run without layout conversions.
+        """
+        if self.encoder_channels_last():
+            imgs = imgs.contiguous(memory_format=torch.channels_last)
         return self.encoder(imgs)
+
+    def encoder_channels_last(self) -> bool:
+        """True when the encoder's first spatial (k > 1) convolution holds its weight in channels_last layout."""
+        for module in self.encoder.modules():
+            if isinstance(module, nn.Conv2d) and max(module.kernel_size) > 1:
+                weight = module.weight
+                return weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+        return False
 
     def current_window(self, window: int | None = None) -> int:
         """``window`` if given, else the training window in training mode and ``val_wsize`` in eval mode."""

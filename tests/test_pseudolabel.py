@@ -87,6 +87,24 @@ def test_byte_identical_for_any_worker_count(phantom_dir: Path, tmp_path: Path) 
     np.testing.assert_array_equal(sp, superpixel_volume(image, info.body_threshold, legacy=True)[0])
 
 
+def test_byte_identical_whole_scan_path(tmp_path: Path) -> None:
+    """With at least 2 scans per worker, each worker writes whole scans: still the same bytes as one process."""
+    info = get_dataset_info("PHANTOM")
+    rng = np.random.default_rng(11)
+    dirs = [tmp_path / "one", tmp_path / "two"]
+    for d in dirs:
+        d.mkdir()
+    for sid in range(5):
+        vol = phantom_volume(rng, z=2)
+        for d in dirs:
+            write_volume(vol, image_path(d, sid), geometry=GEOMETRY)
+    paths_one = generate_pseudolabels(dirs[0], info, workers=1, progress=False)
+    paths_two = generate_pseudolabels(dirs[1], info, workers=2, progress=False)
+    assert len(paths_one) == len(paths_two) == 10
+    for a, b in zip(paths_one, paths_two, strict=True):
+        assert a.name == b.name and a.read_bytes() == b.read_bytes()
+
+
 def test_scan_subset_and_summary(phantom_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     data = copy_images(phantom_dir, tmp_path / "d")
     info = get_dataset_info("PHANTOM")

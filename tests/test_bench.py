@@ -1,0 +1,74 @@
+"""Smoke test of the benchmark suite with tiny sizes: every required JSON key, a table, the timing helper."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import bench.__main__ as bench_cli
+from bench.measure import BenchError, run_isolated, time_repeated
+from bench.report import format_table
+from bench.suite import SuiteConfig, measure_train_step
+
+REQUIRED = ("train_step_s", "episodes_per_s", "eval_s", "eval_naive_s", "eval_speedup_vs_naive",
+            "pseudolabel_s_per_100_slices", "pseudolabel_speedup", "peak_rss_mb")
+
+
+def tiny_config() -> SuiteConfig:
+    """Everything at 64x64 with the light backbone; one repetition per timing."""
+    cfg = SuiteConfig(device="cpu", quick=True, models={"paper": ("lite_gn", 64), "demo": ("lite_gn", 64)},
+                      size=64, n_scans=6, n_slices=12, eval_fold=2, pipeline_workers=(0,), pipeline_episodes=4)
+    cfg.reps_min, cfg.reps_max, cfg.budget_s = {"*": 1}, {"*": 1}, {"*": 0.0}
+    return cfg
+
+
+def test_quick_run_writes_every_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(bench_cli, "quick_config", lambda device: tiny_config())
+    out = tmp_path / "results.json"
+    assert bench_cli.main(["--quick", "--out", str(out), "--work-dir", str(tmp_path / "work")]) == 0
+    res = json.loads(out.read_text())
+    for key in REQUIRED:
+        assert key in res, key
+    assert set(res["train_step_s"]) == {"paper", "demo"}
+    assert set(res["train_step_s"]["paper"]) == {"off", "bf16"}  # amp off and on (bf16 on CPU)
+    assert set(res["episodes_per_s"]) == {"0"} and res["episodes_per_s"]["0"] > 0
+    assert res["eval_speedup_vs_naive"] == pytest.approx(res["eval_naive_s"] / res["eval_s"])
+    assert res["eval_same_dice"] is True
+    fast, naive = res["measurements"]["eval.fast"], res["measurements"]["eval.naive"]
+    assert naive["images_encoded"] == 2 * naive["scored_slices"]  # support + query for every slice
+    assert fast["images_encoded"] < naive["images_encoded"]
+    workers = res["pseudolabel_workers_all"]
+    assert set(res["pseudolabel_s_per_100_slices"]) == {"1", str(workers)}
+    assert res["pseudolabel_speedup"] == pytest.approx(
+        res["measurements"]["pseudolabels.workers=1"]["seconds"]
+        / res["measurements"][f"pseudolabels.workers={workers}"]["seconds"])
+    # one peak-RSS figure per measurement, each a plausible process size
+    assert set(res["peak_rss_mb"]) == set(res["measurements"])
+    assert all(50 < v < 20000 for v in res["peak_rss_mb"].values())
+    for key in ("device", "torch", "cpu_count", "load_avg_start", "load_avg_end", "command"):
+        assert key in res["meta"], key
+    table = capsys.readouterr().out
+    assert "| evaluation speed-up vs naive |" in table and "episodes/s" in table
+    assert format_table(res) in table
+    assert sorted(p.name for p in (tmp_path / "work" / "phantom").glob("superpix-MIDDLE_*.nii.gz")) == \
+        [f"superpix-MIDDLE_{i}.nii.gz" for i in range(6)]  # --work-dir keeps the phantom and its pseudolabels
+
+
+def test_time_repeated_respects_counts_and_budget() -> None:
+    calls: list[int] = []
+    times = time_repeated(lambda: calls.append(1), "cpu", warmup=2, reps_min=3, reps_max=6, budget_s=0.0)
+    assert len(times) == 3 and len(calls) == 5  # 2 warm-up + reps_min (the budget is already spent)
+    times = time_repeated(lambda: calls.append(1), "cpu", warmup=0, reps_min=1, reps_max=4, budget_s=1e9)
+    assert len(times) == 4
+    with pytest.raises(BenchError):
+        time_repeated(lambda: None, "cpu", warmup=0, reps_min=0, reps_max=1, budget_s=1.0)
+
+
+def test_train_step_options_in_process() -> None:
+    res = run_isolated(measure_train_step, "lite_gn", 64, "cpu", batch_size=2, channels_last=True, warmup=0,
+                       reps_min=2, reps_max=2, budget_s=0.0, isolate=False)
+    assert res["median_s"] > 0 and len(res["times_s"]) == 2 and res["peak_rss_mb"] > 50
+    assert res["batch_size"] == 2 and res["channels_last"] and res["amp"] == "off"
