@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from data_preprocessing.pseudolabel import positive_int
 from dataloaders.dataset_info import DatasetDescriptionError, DatasetInfo, get_dataset_info
 from dataloaders.niftiio import (
     DataFormatError,
@@ -124,23 +125,13 @@ def summarize(cmap: dict[str, dict[str, list[int]]]) -> list[str]:
     return lines
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit code (2 on a data or dataset error)."""
     parser = argparse.ArgumentParser(prog="python -m data_preprocessing.class_slice_index",
                                      description=__doc__.split("\n")[0])
     parser.add_argument("--dataset", required=True, help="registry name (e.g. SABS) or description file path")
     parser.add_argument("--data-dir", type=Path, default=None, help="processed folder (default: the dataset's)")
-    parser.add_argument("--min-fg", type=_positive_int, default=1, help="minimum class pixels per slice")
+    parser.add_argument("--min-fg", type=positive_int, default=1, help="minimum class pixels per slice")
     args = parser.parse_args(argv)
     try:
         info = get_dataset_info(args.dataset)

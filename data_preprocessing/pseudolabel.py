@@ -225,7 +225,8 @@ def _id_list(text: str) -> list[int]:
     return ids
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
     try:
         value = int(text)
     except ValueError:
@@ -241,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
                                      description=__doc__.split("\n")[0])
     parser.add_argument("--dataset", required=True, help="registry name (e.g. CHAOST2) or description file path")
     parser.add_argument("--data-dir", type=Path, default=None, help="processed folder (default: the dataset's)")
-    parser.add_argument("--workers", type=_positive_int, default=os.cpu_count() or 1,
+    parser.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1,
                         help="processes (default: all cores)")
     parser.add_argument("--parity", action="store_true", help="the original's superpixel numbering (Q2)")
     parser.add_argument("--scale", default="MIDDLE", choices=sorted(SCALE_MODES), help="Felzenszwalb mode")
