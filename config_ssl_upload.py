@@ -17,7 +17,11 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
+
+# sacred 0.8.7 imports pkg_resources (hence setuptools<81 in requirements.txt); its deprecation warning is noise here.
+warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
 
 from sacred import Experiment
 from sacred.observers import FileStorageObserver

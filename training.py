@@ -167,7 +167,7 @@ def train(_run, _config: dict, _log, seed: int, n_steps: int, batch_size: int, n
     # ------------------------------------------------------------------ resume / warm start
     start_step, history = 0, {k: [] for k in LOSS_KEYS}
     if resume and resume_path is None:
-        _log.warning("resume=True but %s has no snapshot: starting from step 0", run_dir / "snapshots")
+        _log.info("resume=True and %s holds no snapshot yet: starting from step 0", run_dir / "snapshots")
     if resume_path is not None:
         ckpt = load_checkpoint(resume_path, map_location=device)
         changed = check_resume_config(ckpt.get("config"), _config, resume_path)
