@@ -16,10 +16,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from data_preprocessing.class_slice_index import write_classmap
-from data_preprocessing.phantom import generate_phantom
-from data_preprocessing.pseudolabel import generate_pseudolabels
-from dataloaders.dataset_info import get_dataset_info
 from models.grid_proto_fewshot import FewShotSeg
 from training import EpisodeIndexSampler
 from util.checkpoint import load_checkpoint
@@ -29,15 +25,6 @@ REPO = Path(__file__).resolve().parent.parent
 TINY = ["input_size=[64,64]", "feature_hw=[8,8]", "proto_grid_size=2", "num_workers=0", "eval_fold=2", "n_steps=4",
         "lr_milestones=[2]", "save_snapshot_every=2", "print_interval=2", "use_file_observer=False"]
 
-
-@pytest.fixture(scope="module")
-def tiny_phantom(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    data = tmp_path_factory.mktemp("phantom")
-    generate_phantom(data, n_scans=6, seed=3, size=64, n_slices_min=12, n_slices_max=12)
-    info = get_dataset_info("PHANTOM")
-    write_classmap(data, info, progress=False)
-    generate_pseudolabels(data, info, workers=1, progress=False)
-    return data
 
 
 def test_sampler_gives_ranks_disjoint_episodes() -> None:

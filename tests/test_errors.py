@@ -22,14 +22,8 @@ from config_ssl_upload import ex
 from data_preprocessing import chaos
 from dataloaders import niftiio
 from tests.raw_fixtures import foreign_dicom, make_chaos_patient
-from tests.reliability_fixtures import TINY, build_phantom, cli, copy_data, files_under, script
+from tests.reliability_fixtures import TINY, cli, copy_data, files_under, script
 from util.cli import EXIT_FAILURE, EXIT_USER_ERROR
-
-
-@pytest.fixture(scope="module")
-def phantom_master(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny phantom, built once; tests copy it before changing a file."""
-    return build_phantom(tmp_path_factory.mktemp("phantom"))
 
 
 def _err(capsys: pytest.CaptureFixture[str]) -> str:
@@ -87,9 +81,9 @@ DATA_CASES: list[tuple[str, Callable[[Path], None], str]] = [
 
 
 @pytest.mark.parametrize("name,breaker,message", DATA_CASES, ids=[c[0] for c in DATA_CASES])
-def test_training_rejects_bad_data(name: str, breaker: Callable[[Path], None], message: str, phantom_master: Path,
+def test_training_rejects_bad_data(name: str, breaker: Callable[[Path], None], message: str, tiny_phantom: Path,
                                    tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    data = copy_data(phantom_master, tmp_path / "phantom_copy")
+    data = copy_data(tiny_phantom, tmp_path / "phantom_copy")
     breaker(data)
     before = sorted(p.name for p in data.iterdir())
     run_dir = tmp_path / "run"
@@ -129,10 +123,10 @@ CONFIG_CASES = [
 
 
 @pytest.mark.parametrize("name,updates,message", CONFIG_CASES, ids=[c[0] for c in CONFIG_CASES])
-def test_training_rejects_bad_config(name: str, updates: list[str], message: str, phantom_master: Path,
+def test_training_rejects_bad_config(name: str, updates: list[str], message: str, tiny_phantom: Path,
                                      tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run_dir = tmp_path / "run"
-    code = cli("training.py", [*TINY, f"data_dir={phantom_master}", f"run_dir={run_dir}", *updates])
+    code = cli("training.py", [*TINY, f"data_dir={tiny_phantom}", f"run_dir={run_dir}", *updates])
     err = _err(capsys)
     assert code == EXIT_USER_ERROR, err
     assert re.search(message, err), err
@@ -140,9 +134,9 @@ def test_training_rejects_bad_config(name: str, updates: list[str], message: str
     assert files_under(run_dir) == []
 
 
-def test_resume_needs_a_fixed_run_dir(phantom_master: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_resume_needs_a_fixed_run_dir(tiny_phantom: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     log_dir = tmp_path / "sacred"
-    code = cli("training.py", [*TINY, f"data_dir={phantom_master}", "use_file_observer=True",
+    code = cli("training.py", [*TINY, f"data_dir={tiny_phantom}", "use_file_observer=True",
                                f"path.log_dir={log_dir}", "resume=True"])
     assert code == EXIT_USER_ERROR
     assert "error: resume=True needs run_dir=<folder of the run to continue> (an observed run gets a new folder " \
@@ -152,12 +146,12 @@ def test_resume_needs_a_fixed_run_dir(phantom_master: Path, tmp_path: Path, caps
 
 # ------------------------------------------------------------------------------------------------------ checkpoints
 @pytest.fixture(scope="module")
-def trained(phantom_master: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def trained(tiny_phantom: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-step demo checkpoint on the tiny phantom."""
     run_dir = tmp_path_factory.mktemp("trained")
     ex.run("train", named_configs=["demo"], options={"--unobserved": True}, config_updates={
         "input_size": (64, 64), "feature_hw": [8, 8], "proto_grid_size": 2, "num_workers": 0, "eval_fold": 2,
-        "n_steps": 2, "lr_milestones": [1], "save_snapshot_every": 2, "data_dir": str(phantom_master),
+        "n_steps": 2, "lr_milestones": [1], "save_snapshot_every": 2, "data_dir": str(tiny_phantom),
         "run_dir": str(run_dir)})
     return run_dir / "snapshots" / "2.pth"
 
@@ -180,12 +174,12 @@ CKPT_CASES = [
 
 @pytest.mark.parametrize("name,maker,updates,message", CKPT_CASES, ids=[c[0] for c in CKPT_CASES])
 def test_validation_rejects_bad_checkpoints(name: str, maker: Callable, updates: list[str], message: str,
-                                            trained: Path, phantom_master: Path, tmp_path: Path,
+                                            trained: Path, tiny_phantom: Path, tmp_path: Path,
                                             capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / ("nowhere.pth" if name == "not_found" else "bad.pth")
     maker(path, trained)
     run_dir = tmp_path / "eval"
-    code = cli("validation.py", [*TINY, f"data_dir={phantom_master}", f"run_dir={run_dir}",
+    code = cli("validation.py", [*TINY, f"data_dir={tiny_phantom}", f"run_dir={run_dir}",
                                  f"reload_model_path={path}", *updates])
     err = _err(capsys)
     assert code == EXIT_USER_ERROR, err
@@ -198,9 +192,9 @@ def test_validation_rejects_bad_checkpoints(name: str, maker: Callable, updates:
     assert files_under(run_dir) == []
 
 
-def test_resume_refuses_another_architecture(trained: Path, phantom_master: Path, tmp_path: Path,
+def test_resume_refuses_another_architecture(trained: Path, tiny_phantom: Path, tmp_path: Path,
                                              capsys: pytest.CaptureFixture[str]) -> None:
-    code = cli("training.py", [*TINY, f"data_dir={phantom_master}", f"run_dir={tmp_path / 'run'}",
+    code = cli("training.py", [*TINY, f"data_dir={tiny_phantom}", f"run_dir={tmp_path / 'run'}",
                                f"resume_from={trained}", "feature_hw=[4, 4]", "input_size=(32, 32)"])
     err = _err(capsys)
     assert code == EXIT_USER_ERROR
@@ -208,9 +202,9 @@ def test_resume_refuses_another_architecture(trained: Path, phantom_master: Path
            "feature_hw: [8, 8] in the checkpoint, [4, 4] now)" in err
 
 
-def test_support_scan_without_the_test_class(trained: Path, phantom_master: Path, tmp_path: Path,
+def test_support_scan_without_the_test_class(trained: Path, tiny_phantom: Path, tmp_path: Path,
                                              capsys: pytest.CaptureFixture[str]) -> None:
-    data = copy_data(phantom_master, tmp_path / "data")
+    data = copy_data(tiny_phantom, tmp_path / "data")
     _rewrite_label(data, 4, lambda a, g: (np.where(a == 4, 0, a), g))  # scan 4 (the support) loses its spleen
     run_dir = tmp_path / "eval"
     code = cli("validation.py", [*TINY, f"data_dir={data}", f"run_dir={run_dir}", f"reload_model_path={trained}"])
@@ -220,11 +214,11 @@ def test_support_scan_without_the_test_class(trained: Path, phantom_master: Path
     assert files_under(run_dir) == []
 
 
-def test_failed_run_is_recorded_by_the_observer(trained: Path, phantom_master: Path, tmp_path: Path) -> None:
+def test_failed_run_is_recorded_by_the_observer(trained: Path, tiny_phantom: Path, tmp_path: Path) -> None:
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"garbage")
     log_dir = tmp_path / "sacred"
-    proc = script(["validation.py", "with", "demo", *TINY[:-1], f"data_dir={phantom_master}",
+    proc = script(["validation.py", "with", "demo", *TINY[:-1], f"data_dir={tiny_phantom}",
                    f"run_dir={tmp_path / 'eval'}", f"reload_model_path={bad}", f"path.log_dir={log_dir}"])
     assert proc.returncode == EXIT_USER_ERROR, proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {bad}: corrupt or not a PyTorch checkpoint")
@@ -236,7 +230,7 @@ def test_failed_run_is_recorded_by_the_observer(trained: Path, phantom_master: P
 
 
 # ------------------------------------------------------------------------------------------- other errors: traceback
-def test_unexpected_errors_keep_their_traceback(phantom_master: Path, tmp_path: Path,
+def test_unexpected_errors_keep_their_traceback(tiny_phantom: Path, tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     def broken_step(*args, **kwargs):
@@ -244,7 +238,7 @@ def test_unexpected_errors_keep_their_traceback(phantom_master: Path, tmp_path: 
 
     monkeypatch.setattr(training, "train_step", broken_step)
     run_dir = tmp_path / "run"
-    code = cli("training.py", [*TINY, f"data_dir={phantom_master}", f"run_dir={run_dir}"])
+    code = cli("training.py", [*TINY, f"data_dir={tiny_phantom}", f"run_dir={run_dir}"])
     err = _err(capsys)
     assert code == EXIT_FAILURE
     assert "Traceback" in err and "RuntimeError: a bug in the step, reported as it is" in err
@@ -252,15 +246,15 @@ def test_unexpected_errors_keep_their_traceback(phantom_master: Path, tmp_path: 
     assert files_under(run_dir) == []
     with pytest.raises(RuntimeError, match="a bug in the step"):  # in-process runs raise the real exception
         ex.run("train", named_configs=["demo"], options={"--unobserved": True}, config_updates={
-            "data_dir": str(phantom_master), "run_dir": str(tmp_path / "run2"), "num_workers": 0,
+            "data_dir": str(tiny_phantom), "run_dir": str(tmp_path / "run2"), "num_workers": 0,
             "input_size": (64, 64), "feature_hw": [8, 8], "proto_grid_size": 2, "eval_fold": 2})
 
 
-def test_fresh_run_does_not_overwrite_a_used_run_dir(trained: Path, phantom_master: Path,
+def test_fresh_run_does_not_overwrite_a_used_run_dir(trained: Path, tiny_phantom: Path,
                                                       capsys: pytest.CaptureFixture[str]) -> None:
     run_dir = trained.parent.parent
     before = {p: p.stat().st_mtime_ns for p in (run_dir / "snapshots").iterdir()}
-    code = cli("training.py", [*TINY, f"data_dir={phantom_master}", f"run_dir={run_dir}"])
+    code = cli("training.py", [*TINY, f"data_dir={tiny_phantom}", f"run_dir={run_dir}"])
     assert code == EXIT_USER_ERROR
     assert f"run_dir={run_dir} already holds snapshots of a run (latest: 2.pth); continue it with resume=True" \
         in _err(capsys)
@@ -268,10 +262,10 @@ def test_fresh_run_does_not_overwrite_a_used_run_dir(trained: Path, phantom_mast
 
 
 # --------------------------------------------------------------------------------------------- evaluation robustness
-def test_query_without_the_class_is_skipped_and_listed(trained: Path, phantom_master: Path, tmp_path: Path,
+def test_query_without_the_class_is_skipped_and_listed(trained: Path, tiny_phantom: Path, tmp_path: Path,
                                                        capsys: pytest.CaptureFixture[str],
                                                        caplog: pytest.LogCaptureFixture) -> None:
-    data = copy_data(phantom_master, tmp_path / "data")
+    data = copy_data(tiny_phantom, tmp_path / "data")
     _rewrite_label(data, 3, lambda a, g: (np.where(a == 2, 0, a), g))  # query 3 loses its right kidney
     run_dir = tmp_path / "eval"
     with pytest.warns(UserWarning, match="query scan 3 holds no slice of class 2: skipped"):

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.reliability_fixtures import TINY32, build_phantom, cli, files_under
+from tests.reliability_fixtures import TINY32, cli, files_under
 from training import train_step
 from util.checkpoint import load_checkpoint
 from util.cli import EXIT_USER_ERROR
@@ -62,17 +62,13 @@ def test_non_finite_step_leaves_weights_statistics_and_momentum_alone() -> None:
     assert math.isfinite(again["loss"]) and all(torch.isfinite(v).all() for v in model.state_dict().values())
 
 
-@pytest.fixture(scope="module")
-def phantom(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_phantom(tmp_path_factory.mktemp("phantom"))
 
-
-def test_diverging_run_stops_with_a_clear_message(phantom: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+def test_diverging_run_stops_with_a_clear_message(tiny_phantom: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
     run_dir = tmp_path / "run"
     caplog.set_level(logging.WARNING)
     # lr 1e8 blows the weights up within a few steps: every loss after that is NaN
-    code = cli("training.py", [*TINY32, f"data_dir={phantom}", f"run_dir={run_dir}", "n_steps=12",
+    code = cli("training.py", [*TINY32, f"data_dir={tiny_phantom}", f"run_dir={run_dir}", "n_steps=12",
                                "lr_milestones=[100]", "save_snapshot_every=2", "optim.lr=1e8",
                                "max_nonfinite_steps=3"])
     err = capsys.readouterr().err

@@ -15,16 +15,12 @@ import numpy as np
 import pytest
 import torch
 
-from tests.reliability_fixtures import REPO, TINY32, build_phantom, cli, files_under
+from tests.reliability_fixtures import REPO, TINY32, cli, files_under
 from util.checkpoint import load_checkpoint, save_checkpoint
 from util.cli import EXIT_USER_ERROR
 
 RESUME = [*TINY32, "n_steps=20", "lr_milestones=[10]", "save_snapshot_every=10", "print_interval=5"]
 
-
-@pytest.fixture(scope="module")
-def phantom(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_phantom(tmp_path_factory.mktemp("phantom"))
 
 
 def _losses(run_dir: Path) -> dict[str, list[float]]:
@@ -35,14 +31,14 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
     return load_checkpoint(path)["model"]
 
 
-def test_sigkill_then_resume_gives_the_straight_run(phantom: Path, tmp_path: Path,
+def test_sigkill_then_resume_gives_the_straight_run(tiny_phantom: Path, tmp_path: Path,
                                                     caplog: pytest.LogCaptureFixture) -> None:
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    assert cli("training.py", [*RESUME, f"data_dir={phantom}", f"run_dir={straight}"]) == 0
+    assert cli("training.py", [*RESUME, f"data_dir={tiny_phantom}", f"run_dir={straight}"]) == 0
 
     # the real script, killed (SIGKILL: no handler runs) once snapshot 10 is on disk
     with open(tmp_path / "killed.log", "w") as log:
-        proc = subprocess.Popen([sys.executable, "training.py", "with", "demo", *RESUME, f"data_dir={phantom}",
+        proc = subprocess.Popen([sys.executable, "training.py", "with", "demo", *RESUME, f"data_dir={tiny_phantom}",
                                  f"run_dir={killed}"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 300
         while not (killed / "snapshots" / "10.pth").exists():
@@ -55,7 +51,7 @@ def test_sigkill_then_resume_gives_the_straight_run(phantom: Path, tmp_path: Pat
 
     caplog.clear()
     caplog.set_level(logging.INFO)
-    assert cli("training.py", [*RESUME, f"data_dir={phantom}", f"run_dir={killed}", "resume=True"]) == 0
+    assert cli("training.py", [*RESUME, f"data_dir={tiny_phantom}", f"run_dir={killed}", "resume=True"]) == 0
     assert f"resumed from {killed / 'snapshots' / '10.pth'} at step 10" in caplog.text
 
     a, b = _losses(straight), _losses(killed)
@@ -69,22 +65,22 @@ def test_sigkill_then_resume_gives_the_straight_run(phantom: Path, tmp_path: Pat
     assert not [p for p in killed.rglob(".tmp-*")]  # no half-written file left by the kill
 
 
-def test_resume_from_another_run_folder(phantom: Path, tmp_path: Path) -> None:
+def test_resume_from_another_run_folder(tiny_phantom: Path, tmp_path: Path) -> None:
     first, second = tmp_path / "first", tmp_path / "second"
     short = [*TINY32, "n_steps=4", "lr_milestones=[3]", "save_snapshot_every=2"]
-    assert cli("training.py", [*short, f"data_dir={phantom}", f"run_dir={first}"]) == 0
+    assert cli("training.py", [*short, f"data_dir={tiny_phantom}", f"run_dir={first}"]) == 0
     (first / "snapshots" / "4.pth").unlink()  # the first run "crashed" after step 2
-    assert cli("training.py", [*short, f"data_dir={phantom}", f"run_dir={second}", f"resume_from={first}"]) == 0
+    assert cli("training.py", [*short, f"data_dir={tiny_phantom}", f"run_dir={second}", f"resume_from={first}"]) == 0
     a, b = _losses(first), _losses(second)
     assert len(b["loss"]) == 4 and b["loss"][:2] == a["loss"][:2]  # history carried over from the checkpoint
     np.testing.assert_allclose(b["loss"], a["loss"], rtol=0, atol=1e-6)
     assert sorted(p.name for p in (second / "snapshots").iterdir()) == ["4.pth"]
     # resume=True on a finished run does nothing and keeps the log
-    assert cli("training.py", [*short, f"data_dir={phantom}", f"run_dir={second}", "resume=True"]) == 0
+    assert cli("training.py", [*short, f"data_dir={tiny_phantom}", f"run_dir={second}", "resume=True"]) == 0
     assert _losses(second) == b
 
 
-def test_two_processes_never_share_a_run_folder(phantom: Path, tmp_path: Path,
+def test_two_processes_never_share_a_run_folder(tiny_phantom: Path, tmp_path: Path,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -94,7 +90,7 @@ def test_two_processes_never_share_a_run_folder(phantom: Path, tmp_path: Path,
          "f.flush(); print('locked', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        code = cli("training.py", [*TINY32, f"data_dir={phantom}", f"run_dir={run_dir}", "n_steps=2"])
+        code = cli("training.py", [*TINY32, f"data_dir={tiny_phantom}", f"run_dir={run_dir}", "n_steps=2"])
     finally:
         holder.kill()
         holder.wait()

@@ -13,11 +13,8 @@ from sacred.utils import ConfigAddedError
 import training  # noqa: F401  (registers the 'train' command)
 import validation  # noqa: F401  (registers the 'validate' command)
 from config_ssl_upload import ex
-from data_preprocessing.class_slice_index import write_classmap
-from data_preprocessing.phantom import generate_phantom
-from data_preprocessing.pseudolabel import generate_pseudolabels
 from dataloaders import niftiio
-from dataloaders.dataset_info import DatasetDescriptionError, get_dataset_info
+from dataloaders.dataset_info import DatasetDescriptionError
 from util.checkpoint import load_checkpoint
 
 TINY = {
@@ -26,15 +23,6 @@ TINY = {
     "eval_batch_size": 4,
 }
 
-
-@pytest.fixture(scope="module")
-def tiny_phantom(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    data = tmp_path_factory.mktemp("phantom")
-    generate_phantom(data, n_scans=6, seed=3, size=64, n_slices_min=12, n_slices_max=12)
-    info = get_dataset_info("PHANTOM")
-    write_classmap(data, info, progress=False)
-    generate_pseudolabels(data, info, workers=1, progress=False)
-    return data
 
 
 def _run(command: str, updates: dict, observed: bool = False):
