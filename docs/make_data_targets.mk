@@ -1,4 +1,4 @@
-# Preprocessing of the real datasets (README, "Preparing the real datasets"); include from the Makefile.
+# Preprocessing of the real datasets (docs/datasets.md); include from the Makefile.
 #   make data-chaos RAW=<.../CHAOS_Train_Sets/Train_Sets/MR> [OUT=<folder>] [DATA_ARGS="--parity --workers 8"]
 #   make data-sabs  RAW=<.../RawData/Training>               [OUT=<folder>] [DATA_ARGS=...]
 #   make data-cmr   RAW=<MS-CMRSeg download folder>          [OUT=<folder>] [DATA_ARGS=...]
