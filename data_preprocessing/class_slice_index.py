@@ -11,7 +11,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -29,6 +28,7 @@ from dataloaders.niftiio import (
     read_label_volume,
     write_json,
 )
+from util.options import OptionParser
 
 
 def slice_class_counts(label: np.ndarray, n_classes: int) -> np.ndarray:
@@ -127,8 +127,7 @@ def summarize(cmap: dict[str, dict[str, list[int]]]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit code (2 on a data or dataset error)."""
-    parser = argparse.ArgumentParser(prog="python -m data_preprocessing.class_slice_index",
-                                     description=__doc__.split("\n")[0])
+    parser = OptionParser(prog="python -m data_preprocessing.class_slice_index", description=__doc__.split("\n")[0])
     parser.add_argument("--dataset", required=True, help="registry name (e.g. SABS) or description file path")
     parser.add_argument("--data-dir", type=Path, default=None, help="processed folder (default: the dataset's)")
     parser.add_argument("--min-fg", type=positive_int, default=1, help="minimum class pixels per slice")

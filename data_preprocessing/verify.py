@@ -4,7 +4,8 @@
 
 - the label (and, unless ``--no-superpixels``, superpixel and body-mask) files exist and lie on the image's
   grid (shape, spacing, origin, direction);
-- label values are ids of the dataset's label map; images hold finite values;
+- label values are ids of the dataset's label map; images hold finite values (checked by the reader);
+- superpixel and body-mask files were made from the current image (source fingerprint in their header);
 - labelled voxels lie inside the body (image above the dataset's body threshold; a warning below 90 %, which
   catches flipped or shifted labels);
 - optional expected in-plane size and spacing (the pipelines pass theirs);
@@ -33,10 +34,17 @@ import SimpleITK as sitk
 from tqdm import tqdm
 
 from dataloaders.dataset_info import DatasetDescriptionError, DatasetInfo, get_dataset_info
+from dataloaders.derived import (
+    check_made_from,
+    classmap_command,
+    classmap_disagreement,
+    describe_disagreement,
+    image_fingerprint,
+    pseudolabel_command,
+)
 from dataloaders.niftiio import (
     DataFormatError,
     Geometry,
-    classmap_path,
     fgmask_path,
     image_path,
     label_path,
@@ -47,6 +55,7 @@ from dataloaders.niftiio import (
     superpix_path,
     write_json,
 )
+from util.options import OptionParser, existing_dir, int_at_least
 
 FG_IN_BODY_WARN = 0.9  # warn when fewer labelled voxels than this lie inside the body mask threshold
 FINAL_STEPS = ("classmap", "superpixels", "verify")
@@ -188,8 +197,6 @@ def verify_dataset(data_dir: str | Path, info: DatasetInfo, expect_hw: Sequence[
             report.errors.append(str(err))
             continue
         row.shape, row.spacing = tuple(int(v) for v in image.shape), tuple(float(v) for v in geom.spacing)
-        if not np.isfinite(image).all():
-            report.errors.append(f"{ipath}: image holds NaN or infinite values")
         if expect_hw is not None and tuple(image.shape[1:]) != tuple(expect_hw):
             report.errors.append(f"{ipath}: in-plane size {image.shape[1:]} != expected {tuple(expect_hw)}")
         if expect_spacing is not None:
@@ -226,6 +233,12 @@ def verify_dataset(data_dir: str | Path, info: DatasetInfo, expect_hw: Sequence[
                     report.errors.append(str(err))
                     continue
                 problem = _check_grid(ipath.name, image.shape, geom, path, arr, sgeom)
+                if problem is None:
+                    try:  # made from this version of the image? (fingerprint in the header, dataloaders.derived)
+                        check_made_from(path, ipath, image_fingerprint(image, geom),
+                                        pseudolabel_command(data_dir, info, [sid], scale))
+                    except DataFormatError as err:
+                        problem = str(err)
                 if problem:
                     report.errors.append(problem)
                 elif arr.min() < 0:
@@ -239,18 +252,15 @@ def verify_dataset(data_dir: str | Path, info: DatasetInfo, expect_hw: Sequence[
 
 def _check_classmap(report: VerifyReport, data_dir: Path, info: DatasetInfo, ids: list[int],
                     slice_lists: dict[int, dict[int, list[int]]], min_fg: int) -> None:
-    path = classmap_path(data_dir, min_fg)
     try:
-        cmap = load_classmap(data_dir, list(info.labels.values()), scan_ids=ids, min_fg=min_fg)
+        cmap = load_classmap(data_dir, list(info.labels.values()), scan_ids=ids, min_fg=min_fg,
+                             rebuild=classmap_command(data_dir, info, min_fg))
     except DataFormatError as err:
         report.errors.append(str(err))
         return
-    for sid, per_class in slice_lists.items():
-        for c, zs in per_class.items():
-            if cmap[info.labels[c]].get(str(sid)) != zs:
-                report.errors.append(f"{path}: stale index, class {info.labels[c]} of scan {sid} lists "
-                                     f"{cmap[info.labels[c]].get(str(sid))}, the label file gives {zs}")
-                return
+    found = classmap_disagreement(cmap, slice_lists, info)  # the same comparison training and validation make
+    if found is not None:
+        report.errors.append(describe_disagreement(data_dir, info, min_fg, found))
 
 
 # -------------------------------------------------------------------- a picture of one scan
@@ -364,8 +374,7 @@ def run_final_steps(out_dir: str | Path, info: DatasetInfo, steps: Sequence[str]
 def pipeline_parser(prog: str, description: str, steps: Sequence[str], raw_help: str,
                     parity_help: str | None) -> argparse.ArgumentParser:
     """Argument parser shared by the dataset pipelines (``--raw``, ``--out``, ``--steps``, ``--verify-only`` ...)."""
-    parser = argparse.ArgumentParser(prog=prog, description=description,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OptionParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--raw", type=Path, default=None, help=raw_help)
     parser.add_argument("--out", type=Path, required=True, help="processed output folder (created if needed)")
     parser.add_argument("--work", type=Path, default=None,
@@ -377,7 +386,7 @@ def pipeline_parser(prog: str, description: str, steps: Sequence[str], raw_help:
                         help="keep the intermediate files when one run does both of the first two steps "
                              "(otherwise they are deleted once the second step has used them)")
     parser.add_argument("--scans", default=None, help="comma-separated scan ids to convert (default: all found)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+    parser.add_argument("--workers", type=int_at_least(1), default=os.cpu_count() or 1,
                         help="processes for the superpixel step (default: all cores)")
     parser.add_argument("--report", type=Path, default=None, help="also write the verification report as JSON")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -428,8 +437,8 @@ def remove_intermediate(work: Path, names: Sequence[str]) -> None:
 # -------------------------------------------------------------------- CLI
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point: 0 when the folder passes, 1 when it has errors, 2 on a usage error."""
-    parser = argparse.ArgumentParser(prog="python -m data_preprocessing.verify", description=__doc__.split("\n")[0])
-    parser.add_argument("--data-dir", type=Path, default=None, help="processed folder (default: the dataset's)")
+    parser = OptionParser(prog="python -m data_preprocessing.verify", description=__doc__.split("\n")[0])
+    parser.add_argument("--data-dir", type=existing_dir, default=None, help="processed folder (default: the dataset's)")
     parser.add_argument("--dataset", required=True, help="registry name (e.g. SABS) or description file path")
     parser.add_argument("--no-superpixels", action="store_true", help="do not require the superpixel files")
     parser.add_argument("--no-classmap", action="store_true", help="do not require classmap_1.json")

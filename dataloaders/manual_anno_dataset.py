@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from dataloaders import niftiio
 from dataloaders.dataset_info import DatasetInfo
-from dataloaders.normalization import Normalizer, fit_to_size, normalizer_from_scans
+from dataloaders.normalization import Normalizer, normalizer_from_scans
 
 
 @dataclass
@@ -38,7 +38,7 @@ class AnnotatedScans:
 
 def load_annotated_scans(data_dir: str | Path, info: DatasetInfo, scan_ids: Sequence[int],
                          normalizer: Normalizer | None = None, train_scan_ids: Sequence[int] | None = None,
-                         input_size: int | None = None, progress: bool = True) -> AnnotatedScans:
+                         progress: bool = True) -> AnnotatedScans:
     """Load, check and normalise annotated scans.
 
     Args:
@@ -48,8 +48,6 @@ def load_annotated_scans(data_dir: str | Path, info: DatasetInfo, scan_ids: Sequ
         normalizer: normalisation to apply, e.g. ``Normalizer.from_dict(checkpoint["normalizer"])``. Default:
             per-volume for MR; for CT the global statistics of ``train_scan_ids``.
         train_scan_ids: the fold's training scans (needed for CT when ``normalizer`` is not given).
-        input_size: if given, crop (top-left, logged) or pad (image with its minimum, labels with 0) the slices to
-            this square size, as the training slices (``None``: keep the grid, the default for 256x256 data).
         progress: show a tqdm bar.
 
     Raises:
@@ -67,10 +65,7 @@ def load_annotated_scans(data_dir: str | Path, info: DatasetInfo, scan_ids: Sequ
     geometry: dict[int, niftiio.Geometry] = {}
     for sid in tqdm([int(i) for i in scan_ids], desc="loading annotated scans", disable=not progress):
         scan = niftiio.load_scan(data_dir, sid, with_label=True, known_labels=known)
-        img = normalizer(scan.image)
-        lab = scan.label
-        if input_size is not None:
-            img = fit_to_size(img, input_size, float(img.min()), f"image_{sid}")
-            lab = fit_to_size(lab, input_size, 0, f"label_{sid}")
-        images[sid], labels[sid], geometry[sid] = img, lab, scan.geometry
+        # kept on the image's own grid: predictors resize for the network only (util.inference), so metrics and
+        # predictions are on the grid of image_<id>.nii.gz
+        images[sid], labels[sid], geometry[sid] = normalizer(scan.image), scan.label, scan.geometry
     return AnnotatedScans(images, labels, geometry, normalizer)

@@ -5,6 +5,7 @@ One flat folder per dataset:
 - ``image_<id>.nii.gz``          float image (CT in [0, 255], MR raw intensities after clip and resampling)
 - ``label_<id>.nii.gz``          integer labels on the same grid
 - ``superpix-<SCALE>_<id>.nii.gz`` superpixel pseudolabels, 0 outside the body (integer; float64 is accepted)
+- ``supervox-<SCALE>_<id>.nii.gz`` 3D supervoxel pseudolabels (optional), 0 outside the body
 - ``fgmask_<id>.nii.gz``         body mask (0/1)
 - ``classmap_<min_fg>.json``     class -> scan -> sorted slice indices holding the class
 
@@ -19,6 +20,7 @@ import gzip
 import json
 import os
 import re
+import struct
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -64,23 +66,76 @@ class Geometry:
         return None
 
 
-def check_gzip_complete(path: Path) -> None:
-    """Decompress the whole gzip stream, raising :class:`DataFormatError` if it is truncated or corrupt."""
+def check_gzip_complete(path: Path) -> bytes:
+    """Decompress the whole gzip stream, raising :class:`DataFormatError` if it is truncated or corrupt.
+
+    Returns:
+        The decompressed bytes.
+    """
     try:
         with gzip.open(path, "rb") as fh:
-            while fh.read(1 << 22):
-                pass
+            return fh.read()
     except (EOFError, OSError, zlib.error) as err:
         raise DataFormatError(f"{path}: truncated or corrupt gzip stream ({err})") from None
 
 
+_NIFTI_FLOATS = {16: "f4", 64: "f8"}  # NIfTI datatype codes of float32 / float64
+
+
+def check_nifti_finite(path: Path, raw: bytes) -> None:
+    """Refuse a float NIfTI file holding NaN or infinite voxels.
+
+    SimpleITK's NIfTI reader returns such voxels as 0 without a word, so the check reads the voxel bytes
+    themselves (NIfTI-1 and NIfTI-2 headers, either byte order). Other files are left alone.
+
+    Args:
+        path: the file, named in the message.
+        raw: its (decompressed) bytes.
+
+    Raises:
+        DataFormatError: the count and the (z, y, x) index of the first non-finite voxel.
+    """
+    if len(raw) < 348:
+        return
+    for order in "<>":
+        size = struct.unpack(f"{order}i", raw[:4])[0]
+        if size == 348:  # NIfTI-1: dim int16[8] at 40, datatype int16 at 70, vox_offset float32 at 108
+            dims = struct.unpack(f"{order}8h", raw[40:56])
+            code = struct.unpack(f"{order}h", raw[70:72])[0]
+            offset = int(struct.unpack(f"{order}f", raw[108:112])[0])
+            break
+        if size == 540 and len(raw) >= 540:  # NIfTI-2: datatype int16 at 12, dim int64[8] at 16, vox_offset at 168
+            code = struct.unpack(f"{order}h", raw[12:14])[0]
+            dims = struct.unpack(f"{order}8q", raw[16:80])
+            offset = int(struct.unpack(f"{order}q", raw[168:176])[0])
+            break
+    else:
+        return
+    if code not in _NIFTI_FLOATS or not 1 <= dims[0] <= 7:
+        return
+    shape = tuple(int(d) for d in dims[1:1 + dims[0]])
+    count = int(np.prod(shape))
+    values = np.frombuffer(raw, dtype=np.dtype(order + _NIFTI_FLOATS[code]), count=count, offset=offset)
+    bad = ~np.isfinite(values)
+    if bad.any():
+        first = np.unravel_index(int(np.argmax(bad)), shape[::-1])  # file order: x fastest -> (.., z, y, x)
+        raise DataFormatError(
+            f"{path}: {int(bad.sum())} voxels are NaN or infinite (first at z, y, x = "
+            f"{tuple(int(i) for i in first[-3:])}); fix the preprocessing that wrote it (they are never replaced "
+            f"silently, as SimpleITK's reader would, with 0)")
+
+
 def read_sitk(path: str | Path) -> sitk.Image:
-    """Read one volume with SimpleITK after checking it is complete."""
+    """Read one volume with SimpleITK after checking it is complete and, for float NIfTI, finite."""
     path = Path(path)
     if not path.is_file():
         raise DataFormatError(f"{path}: file not found")
-    if path.name.endswith(".gz"):
+    if path.name.endswith(".nii.gz"):
+        check_nifti_finite(path, check_gzip_complete(path))
+    elif path.name.endswith(".gz"):
         check_gzip_complete(path)
+    elif path.name.endswith(".nii"):
+        check_nifti_finite(path, path.read_bytes())
     try:
         return sitk.ReadImage(str(path))
     except RuntimeError as err:
@@ -98,6 +153,11 @@ def read_volume(path: str | Path, dtype: Any = None) -> tuple[np.ndarray, Geomet
     arr = sitk.GetArrayFromImage(img)
     if arr.ndim != 3:
         raise DataFormatError(f"{path}: expected a 3D volume, got shape {arr.shape}")
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        bad = ~np.isfinite(arr)
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise DataFormatError(f"{path}: {int(bad.sum())} voxels are NaN or infinite (first at z, y, x = {first}); "
+                              f"fix the preprocessing that wrote it (they are never replaced silently with 0)")
     if dtype is not None:
         arr = arr.astype(dtype, copy=False)
     return arr, Geometry.of(img)
@@ -120,14 +180,23 @@ def _atomic_target(path: Path) -> Path:
 
 
 def write_volume(arr: np.ndarray, path: str | Path, geometry: Geometry | None = None,
-                 reference: sitk.Image | None = None) -> Path:
-    """Write a ``(Z, H, W)`` array atomically, carrying the geometry of ``geometry`` or ``reference``."""
+                 reference: sitk.Image | None = None, notes: str | None = None) -> Path:
+    """Write a ``(Z, H, W)`` array atomically, carrying the geometry of ``geometry`` or ``reference``.
+
+    Args:
+        notes: optional text (<= 80 characters) for the NIfTI header's ``descrip`` field, e.g. the source-image
+            fingerprint of a derived file (``dataloaders.derived``).
+    """
     path = Path(path)
     img = sitk.GetImageFromArray(np.ascontiguousarray(arr))
     if reference is not None:
         img.CopyInformation(reference)
     elif geometry is not None:
         geometry.apply(img)
+    if notes is not None:
+        if len(notes) > 80:
+            raise ValueError(f"header notes are limited to 80 characters, got {len(notes)}")
+        img.SetMetaData("ITK_FileNotes", notes)
     tmp = _atomic_target(path)
     try:
         sitk.WriteImage(img, str(tmp), True)
@@ -162,6 +231,11 @@ def label_path(data_dir: str | Path, scan_id: int) -> Path:
 
 def superpix_path(data_dir: str | Path, scan_id: int, scale: str = "MIDDLE") -> Path:
     return Path(data_dir) / f"superpix-{scale}_{scan_id}.nii.gz"
+
+
+def supervox_path(data_dir: str | Path, scan_id: int, scale: str = "MIDDLE") -> Path:
+    """3D supervoxel pseudolabels (``python -m data_preprocessing.pseudolabel --dim 3``), 0 outside the body."""
+    return Path(data_dir) / f"supervox-{scale}_{scan_id}.nii.gz"
 
 
 def fgmask_path(data_dir: str | Path, scan_id: int) -> Path:
@@ -253,21 +327,24 @@ def iter_scans(data_dir: str | Path, scan_ids: list[int] | None = None, **kwargs
 
 # -------------------------------------------------------------------- class map
 def load_classmap(data_dir: str | Path, class_names: list[str], scan_ids: list[int] | None = None,
-                  min_fg: int = 1) -> dict[str, dict[str, list[int]]]:
+                  min_fg: int = 1, rebuild: str | None = None) -> dict[str, dict[str, list[int]]]:
     """Read ``classmap_<min_fg>.json`` and check it against the dataset and the scans present.
 
     Args:
         class_names: every class name the map must hold (background included).
         scan_ids: ids whose entries must exist (default: the scans in the folder).
+        rebuild: the complete command that builds this file (``dataloaders.derived.classmap_command``), named in
+            the messages; default: the command with a ``<dataset>`` placeholder.
 
     Raises:
         DataFormatError: missing, malformed, or stale (scan ids that do not match the image files).
     """
     path = classmap_path(data_dir, min_fg)
+    if rebuild is None:
+        rebuild = (f"python -m data_preprocessing.class_slice_index --data-dir {data_dir} --dataset <dataset> "
+                   f"--min-fg {min_fg}")
     if not path.is_file():
-        raise DataFormatError(
-            f"{path}: class-slice index not found; build it with "
-            f"`python -m data_preprocessing.class_slice_index --data-dir {data_dir} --dataset <NAME>`")
+        raise DataFormatError(f"{path}: class-slice index not found; build it with {rebuild}")
     try:
         cmap = json.loads(path.read_text())
     except json.JSONDecodeError as err:
@@ -278,14 +355,15 @@ def load_classmap(data_dir: str | Path, class_names: list[str], scan_ids: list[i
     want = {str(i) for i in ids}
     for name in class_names:
         if name not in cmap or not isinstance(cmap[name], dict):
-            raise DataFormatError(f"{path}: class '{name}' is missing; rebuild the class-slice index")
+            raise DataFormatError(f"{path}: class '{name}' is missing; rebuild it with {rebuild}")
         have = set(cmap[name])
         if not want <= have:
             raise DataFormatError(
                 f"{path}: stale index, scans {sorted(want - have, key=int)} are not listed for '{name}'; "
-                f"rebuild it with python -m data_preprocessing.class_slice_index")
+                f"rebuild it with {rebuild}")
     on_disk = {str(i) for i in list_scan_ids(data_dir)}
     extra = sorted({s for name in class_names for s in cmap[name]} - on_disk, key=int)
     if extra:
-        raise DataFormatError(f"{path}: stale index, it lists scans {extra} that have no image file")
+        raise DataFormatError(f"{path}: stale index, it lists scans {extra} that have no image file; rebuild it "
+                              f"with {rebuild}")
     return cmap

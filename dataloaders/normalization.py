@@ -142,27 +142,34 @@ def normalizer_from_scans(data_dir: str | Path, modality: Literal["CT", "MR"], s
 
 
 # -------------------------------------------------------------------- network input format
-def fit_to_size(volume: np.ndarray, size: int, fill: float = 0.0, name: str = "volume") -> np.ndarray:
-    """Crop (top-left ``[:, :size, :size]``, as the original) or pad (bottom/right, with ``fill``) to ``size``.
+def resize_slices(volume: np.ndarray, size: int, kind: Literal["image", "ids"]) -> np.ndarray:
+    """Resize every slice of a ``(Z, H, W)`` volume to ``(size, size)``: the network input grid.
 
-    Cropping is logged as a warning (Q1: the original crops 257x257 SABS slices silently).
+    The project's one rule for slices whose in-plane size is not ``input_size`` (never a silent crop or pad):
+    images are resampled bilinearly (``torch.nn.functional.interpolate``, ``align_corners=False``, no
+    antialiasing, the same call :class:`util.inference.FastPredictor` makes at test time); integer maps
+    (superpixel ids, masks) take the nearest source pixel (``"nearest-exact"``), so no new id appears.
 
     Args:
-        volume: ``(Z, H, W)``.
-        name: how log messages name the volume.
+        volume: ``(Z, H, W)`` array.
+        size: output side length in pixels.
+        kind: ``"image"`` (bilinear, float32 result) or ``"ids"`` (nearest, dtype kept).
 
     Returns:
-        ``(Z, size, size)``, the input itself when it already has that size.
+        ``(Z, size, size)``; the input itself when it already has that size.
     """
     z, h, w = volume.shape
     if (h, w) == (size, size):
         return volume
-    if h > size or w > size:
-        logger.warning("%s: in-plane size %dx%d cropped to [:%d, :%d]", name, h, w, size, size)
-    out = np.full((z, size, size), fill, dtype=volume.dtype)
-    hh, ww = min(h, size), min(w, size)
-    out[:, :hh, :ww] = volume[:, :hh, :ww]
-    return out
+    if kind == "image":
+        x = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[:, None]
+        out = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+        return out[:, 0].numpy()
+    if kind != "ids":
+        raise ValueError(f"kind must be 'image' or 'ids', got {kind!r}")
+    x = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float64))[:, None]
+    out = torch.nn.functional.interpolate(x, size=(size, size), mode="nearest-exact")
+    return out[:, 0].numpy().astype(volume.dtype)
 
 
 def to_three_channels(x: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:

@@ -41,7 +41,8 @@ from tqdm import tqdm
 from dataloaders import niftiio
 from dataloaders.augmentations import AugParams, augment, get_preset
 from dataloaders.dataset_info import DatasetInfo
-from dataloaders.normalization import Normalizer, fit_normalizer, fit_to_size, to_three_channels
+from dataloaders.derived import check_superpixels_made_from, classmap_command
+from dataloaders.normalization import Normalizer, fit_normalizer, resize_slices, to_three_channels
 
 logger = logging.getLogger(__name__)
 
@@ -94,11 +95,14 @@ class SuperpixelEpisodeDataset(Dataset):
         episode_sampling: ``"compact"`` (default) or ``"legacy"`` (parity, Q2/Q3).
         n_shots: number of support copies.
         n_queries: number of query copies.
-        input_size: slices are cropped (top-left) or padded (with the volume minimum) to this square size.
+        input_size: slices of another in-plane size are resized to this square size (images bilinearly,
+            superpixel ids by nearest pixel: :func:`dataloaders.normalization.resize_slices`), never cropped or
+            padded; the resized scans are logged.
         progress: show a tqdm bar while loading.
 
     Raises:
-        niftiio.DataFormatError: missing/corrupt files or a class map that does not fit the scans.
+        niftiio.DataFormatError: missing/corrupt files, a class map that does not fit the scans, or superpixels
+            made from another version of their image (``dataloaders.derived``).
         ValueError: bad arguments, or no slice left to sample from.
     """
 
@@ -132,17 +136,25 @@ class SuperpixelEpisodeDataset(Dataset):
         self.aug = get_preset(aug) if isinstance(aug, str) else aug
         self.n_shots, self.n_queries, self.input_size = n_shots, n_queries, input_size
 
+        self.info = info
         raw_images, superpix = self._load(superpix_scale, progress)
         self.normalizer = normalizer if normalizer is not None else fit_normalizer(
             info.modality, raw_images, self.scan_ids)
         self.images: list[np.ndarray] = []  # per scan, (Z, S, S) float32, normalised
         self.superpix: list[np.ndarray] = []  # per scan, (Z, S, S) smallest int dtype
+        resized = {}
         for k, sid in enumerate(self.scan_ids):
             img = self.normalizer(raw_images[k])
             raw_images[k] = None  # free the raw copy early
-            self.images.append(np.ascontiguousarray(fit_to_size(img, input_size, float(img.min()), f"image_{sid}")))
-            sp = fit_to_size(superpix[k], input_size, 0, f"superpix_{sid}")
+            if img.shape[1:] != (input_size, input_size):
+                resized[sid] = "x".join(str(v) for v in img.shape[1:])
+            self.images.append(np.ascontiguousarray(resize_slices(img, input_size, "image")))
+            sp = resize_slices(superpix[k], input_size, "ids")
             self.superpix.append(np.ascontiguousarray(sp.astype(np.min_scalar_type(max(int(sp.max()), 1)))))
+        if resized:
+            logger.warning("training scans %s have in-plane sizes %s, not input_size %d: resized to %dx%d (images "
+                           "bilinear, superpixels nearest)", list(resized), sorted(set(resized.values())),
+                           input_size, input_size, input_size)
 
         # slice table: (scan position, z) for every slice of every scan
         self.slice_scan = np.concatenate([np.full(v.shape[0], k, np.int64) for k, v in enumerate(self.images)])
@@ -192,6 +204,7 @@ class SuperpixelEpisodeDataset(Dataset):
         images, superpix = [], []
         for sid in tqdm(self.scan_ids, desc="loading superpixel scans", disable=not progress):
             scan = niftiio.load_scan(self.data_dir, sid, with_label=False, with_superpix=True, superpix_scale=scale)
+            check_superpixels_made_from(self.data_dir, self.info, sid, scan.image, scan.geometry, scale)
             if scan.superpix.min() < 0:
                 raise niftiio.DataFormatError(
                     f"{niftiio.superpix_path(self.data_dir, sid, scale)}: negative superpixel ids")
@@ -205,7 +218,8 @@ class SuperpixelEpisodeDataset(Dataset):
         if not self.exclude_classes:
             return np.zeros(n, dtype=bool), {}
         names = [info.labels[c] for c in self.exclude_classes]
-        cmap = niftiio.load_classmap(self.data_dir, names, self.scan_ids, min_fg)
+        cmap = niftiio.load_classmap(self.data_dir, names, self.scan_ids, min_fg,
+                                     rebuild=classmap_command(self.data_dir, info, min_fg))
         path = niftiio.classmap_path(self.data_dir, min_fg)
         offsets = np.concatenate([[0], np.cumsum([v.shape[0] for v in self.images])])
         holds = np.zeros((len(names), n), dtype=bool)

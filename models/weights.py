@@ -120,8 +120,8 @@ def load_state_dict_file(
 ) -> dict[str, torch.Tensor]:
     """Read a state dict from ``path`` with ``torch.load(weights_only=True)``.
 
-    A training checkpoint ``{"model": state_dict, ...}`` or ``{"state_dict": ...}`` is unwrapped, and a
-    DataParallel ``module.`` prefix is removed.
+    A training checkpoint ``{"model": state_dict, ...}`` or ``{"state_dict": ...}`` is unwrapped, and wrapper
+    prefixes (DataParallel/DDP ``module.``, ``torch.compile`` ``_orig_mod.``) are removed.
 
     Args:
         path: File written by ``torch.save``.
@@ -142,7 +142,7 @@ def load_state_dict_file(
 
 
 def normalise_state_dict(obj: object, source: str = "<state dict>") -> dict[str, torch.Tensor]:
-    """Unwrap ``{"model": ...}``/``{"state_dict": ...}`` and strip a ``module.`` prefix.
+    """Unwrap ``{"model": ...}``/``{"state_dict": ...}`` and strip wrapper prefixes (:func:`strip_wrapper_prefixes`).
 
     Args:
         obj: Loaded object.
@@ -164,9 +164,34 @@ def normalise_state_dict(obj: object, source: str = "<state dict>") -> dict[str,
     bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise StateDictMismatchError(f"{source}: entries that are not tensors, e.g. {bad[:_SHOW]}")
-    if all(k.startswith("module.") for k in obj):
-        return {k[len("module.") :]: v for k, v in obj.items()}
-    return dict(obj)
+    return strip_wrapper_prefixes(obj)
+
+
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DataParallel / DistributedDataParallel, torch.compile(model)
+
+
+def strip_wrapper_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Remove the key prefixes that model wrappers add to every key, in any nesting.
+
+    ``nn.DataParallel`` and ``DistributedDataParallel`` save ``module.<key>``, ``torch.compile(model)`` saves
+    ``_orig_mod.<key>`` (and DDP around a compiled model ``module._orig_mod.<key>``). A prefix is removed only when
+    every key carries it, so a model whose own submodule is called ``module`` is left alone.
+
+    Args:
+        state: flat state dict.
+
+    Returns:
+        A new dict with the wrapper prefixes removed.
+    """
+    out = dict(state)
+    changed = True
+    while changed and out:
+        changed = False
+        for prefix in WRAPPER_PREFIXES:
+            if all(k.startswith(prefix) for k in out):
+                out = {k[len(prefix):]: v for k, v in out.items()}
+                changed = True
+    return out
 
 
 def _describe_mismatch(

@@ -20,7 +20,9 @@ import torch
 import training
 from config_ssl_upload import ex
 from data_preprocessing import chaos
+from data_preprocessing.class_slice_index import write_classmap
 from dataloaders import niftiio
+from dataloaders.dataset_info import get_dataset_info
 from tests.raw_fixtures import foreign_dicom, make_chaos_patient
 from tests.reliability_fixtures import TINY, cli, copy_data, files_under, script
 from util.cli import EXIT_FAILURE, EXIT_USER_ERROR
@@ -206,6 +208,7 @@ def test_support_scan_without_the_test_class(trained: Path, tiny_phantom: Path, 
                                              capsys: pytest.CaptureFixture[str]) -> None:
     data = copy_data(tiny_phantom, tmp_path / "data")
     _rewrite_label(data, 4, lambda a, g: (np.where(a == 4, 0, a), g))  # scan 4 (the support) loses its spleen
+    write_classmap(data, get_dataset_info("PHANTOM"), progress=False)  # as the user must (a stale one is refused)
     run_dir = tmp_path / "eval"
     code = cli("validation.py", [*TINY, f"data_dir={data}", f"run_dir={run_dir}", f"reload_model_path={trained}"])
     err = _err(capsys)
@@ -267,6 +270,7 @@ def test_query_without_the_class_is_skipped_and_listed(trained: Path, tiny_phant
                                                        caplog: pytest.LogCaptureFixture) -> None:
     data = copy_data(tiny_phantom, tmp_path / "data")
     _rewrite_label(data, 3, lambda a, g: (np.where(a == 2, 0, a), g))  # query 3 loses its right kidney
+    write_classmap(data, get_dataset_info("PHANTOM"), progress=False)
     run_dir = tmp_path / "eval"
     with pytest.warns(UserWarning, match="query scan 3 holds no slice of class 2: skipped"):
         code = cli("validation.py", [*TINY, f"data_dir={data}", f"run_dir={run_dir}",

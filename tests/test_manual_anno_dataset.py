@@ -68,13 +68,3 @@ def test_unknown_label_value_is_an_error(data_dir: Path) -> None:
     with pytest.raises(niftiio.DataFormatError, match=r"label_1\.nii\.gz: label ids \[7\]"):
         load_annotated_scans(data_dir, INFO, [0, 1], progress=False)
 
-
-def test_input_size_crop_and_pad(data_dir: Path) -> None:
-    cropped = load_annotated_scans(data_dir, INFO, [3], input_size=12, progress=False)
-    full = load_annotated_scans(data_dir, INFO, [3], progress=False)
-    assert cropped.images[3].shape == (5, 12, 12)
-    assert np.array_equal(cropped.images[3], full.images[3][:, :12, :12])
-    assert np.array_equal(cropped.labels[3], full.labels[3][:, :12, :12])
-    padded = load_annotated_scans(data_dir, INFO, [3], input_size=20, progress=False)
-    assert padded.labels[3].shape == (5, 20, 20) and padded.labels[3][:, 16:, :].sum() == 0
-    assert np.all(padded.images[3][:, :, 16:] == full.images[3].min())

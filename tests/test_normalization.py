@@ -1,7 +1,6 @@
 """Load-time normalisation: CT global statistics, MR per-volume z-score, serialisation, input format."""
 
 import json
-import logging
 
 import numpy as np
 import pytest
@@ -13,8 +12,8 @@ from dataloaders.normalization import (
     Normalizer,
     ct_stats,
     fit_normalizer,
-    fit_to_size,
     normalizer_from_scans,
+    resize_slices,
     to_three_channels,
 )
 
@@ -83,16 +82,19 @@ def test_normalizer_from_scans_reads_images(tmp_path) -> None:
     assert normalizer_from_scans(tmp_path, "MR", [3], progress=False) == Normalizer("per_volume")
 
 
-def test_fit_to_size_crop_and_pad(caplog) -> None:
-    v = np.arange(2 * 5 * 4, dtype=np.float32).reshape(2, 5, 4)
-    with caplog.at_level(logging.WARNING):
-        crop = fit_to_size(v, 3, name="image_1")
-    assert np.array_equal(crop, v[:, :3, :3]) and "image_1" in caplog.text
-    pad = fit_to_size(v, 6, fill=-2.0)
-    assert pad.shape == (2, 6, 6) and np.array_equal(pad[:, :5, :4], v)
-    assert np.all(pad[:, 5, :] == -2.0) and np.all(pad[:, :, 4:] == -2.0)
-    square = v[:, :4, :4]
-    assert fit_to_size(square, 4) is square  # already the right size: untouched
+def test_resize_slices_by_hand() -> None:
+    v = np.arange(2 * 4 * 4, dtype=np.float32).reshape(2, 4, 4)
+    # 4 -> 2, bilinear, align_corners=False: output pixel i samples input position 2i + 0.5, the mean of 2i, 2i+1
+    small = resize_slices(v, 2, "image")
+    want = v.reshape(2, 2, 2, 2, 2).mean(axis=(2, 4))
+    np.testing.assert_allclose(small, want, rtol=0, atol=1e-6)
+    ids = np.arange(2 * 4 * 4, dtype=np.int32).reshape(2, 4, 4)
+    # nearest-exact: output pixel i takes input pixel floor((i + 0.5) * 2) = 2i + 1; dtype kept, no new id
+    np.testing.assert_array_equal(resize_slices(ids, 2, "ids"), ids[:, 1::2, 1::2])
+    assert resize_slices(ids, 2, "ids").dtype == np.int32
+    assert resize_slices(v, 4, "image") is v  # already the right size: untouched
+    with pytest.raises(ValueError, match="kind must be 'image' or 'ids'"):
+        resize_slices(v, 2, "label")
 
 
 def test_to_three_channels_numpy_and_torch() -> None:

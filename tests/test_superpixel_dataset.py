@@ -201,12 +201,22 @@ def test_shots_queries_and_input_size(compact_dir: Path) -> None:
     assert s["support_images"].shape == (2, 3, 48, 48) and s["support_fg"].shape == (2, 48, 48)
     assert s["query_images"].shape == (3, 3, 48, 48) and s["query_labels"].shape == (3, 48, 48)
     assert not torch.equal(s["support_images"][0], s["support_images"][1])
-    padded = _ds(compact_dir, aug="identity", input_size=80, n_episodes=2)
-    p = padded[0]
-    assert p["query_images"].shape == (1, 3, 80, 80)
-    vol_min = padded.images[SCANS.index(p["scan_id"])].min()
-    assert torch.all(p["query_images"][0, :, 64:, :] == vol_min)  # pad = that volume's minimum
-    assert p["query_labels"][0, 64:, :].sum() == 0
+    # 64x64 slices with input_size 128: resized (never padded): ids by nearest pixel, i.e. each pixel doubled;
+    # the image bilinearly (align_corners=False): output pixel i samples input position (i + 0.5) / 2 - 0.5
+    native = _ds(compact_dir, aug="identity", input_size=64, n_episodes=2)
+    big = _ds(compact_dir, aug="identity", input_size=128, n_episodes=2)
+    for k in range(len(SCANS)):
+        np.testing.assert_array_equal(big.superpix[k], native.superpix[k].repeat(2, axis=1).repeat(2, axis=2))
+        img, out = native.images[k], big.images[k]
+        assert out.shape == (img.shape[0], 128, 128)
+        # pixel (1, 1) samples (0.25, 0.25): weights 0.75 / 0.25 per axis
+        want = 0.75 * (0.75 * img[:, 0, 0] + 0.25 * img[:, 0, 1]) + 0.25 * (0.75 * img[:, 1, 0] + 0.25 * img[:, 1, 1])
+        np.testing.assert_allclose(out[:, 1, 1], want, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(out[:, 0, 0], img[:, 0, 0], rtol=0, atol=1e-5)  # edge: clamped to pixel 0
+    p = big[0]
+    assert p["query_images"].shape == (1, 3, 128, 128)
+    k = SCANS.index(p["scan_id"])
+    np.testing.assert_array_equal(p["query_labels"][0].numpy(), big.superpix[k][p["z_id"]] == p["superpix_id"])
 
 
 def test_errors_name_the_problem(compact_dir: Path, tmp_path: Path) -> None:

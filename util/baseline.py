@@ -11,15 +11,15 @@ the mean and std of the fold's training scans for CT (equivalent to raw for a th
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
-from dataloaders.dataset_info import DatasetInfo, get_dataset_info
+from dataloaders.dataset_info import DatasetDescriptionError, DatasetInfo, get_dataset_info
 from dataloaders.niftiio import image_path, list_scan_ids, load_scan, read_volume, write_json
 from models.intensity_baseline import IntensityBaseline
+from util.options import OptionParser, existing_dir, float_between, int_at_least
 from util.protocol import FoldResult, evaluate_fold
 
 Norm = Literal["auto", "zscore", "raw"]
@@ -73,17 +73,26 @@ def format_table(result: FoldResult) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="EP1-ALP evaluation of the learning-free intensity baseline")
+    ap = OptionParser(prog="python -m util.baseline",
+                      description="EP1-ALP evaluation of the learning-free intensity baseline")
     ap.add_argument("--dataset", required=True, help="registry name (e.g. PHANTOM) or a description file")
-    ap.add_argument("--data-dir", default=None, help="processed data folder (default: the dataset's data_dir)")
-    ap.add_argument("--fold", type=int, default=0)
-    ap.add_argument("--n-part", type=int, default=3)
+    ap.add_argument("--data-dir", type=existing_dir, default=None,
+                    help="processed data folder (default: the dataset's data_dir)")
+    ap.add_argument("--fold", type=int_at_least(0), default=0)
+    ap.add_argument("--n-part", type=int_at_least(1), default=3)
     ap.add_argument("--norm", choices=("auto", "zscore", "raw"), default="auto")
-    ap.add_argument("--low-pct", type=float, default=5.0)
-    ap.add_argument("--high-pct", type=float, default=95.0)
+    ap.add_argument("--low-pct", type=float_between(0, 100), default=5.0)
+    ap.add_argument("--high-pct", type=float_between(0, 100), default=95.0)
     ap.add_argument("--json", default=None, help="write the result JSON here")
     args = ap.parse_args(argv)
-    info = get_dataset_info(args.dataset)
+    try:
+        info = get_dataset_info(args.dataset)
+    except DatasetDescriptionError as err:
+        ap.error(str(err))
+    if args.fold >= info.n_folds:
+        ap.error(f"--fold {args.fold} is out of range: {info.name} has {info.n_folds} folds (0..{info.n_folds - 1})")
+    if args.low_pct >= args.high_pct:
+        ap.error(f"--low-pct {args.low_pct:g} must be below --high-pct {args.high_pct:g}")
     data_dir = Path(args.data_dir) if args.data_dir else info.data_dir
     result = run_baseline(info, data_dir, args.fold, args.n_part, args.norm,
                           IntensityBaseline(args.low_pct, args.high_pct))

@@ -19,7 +19,13 @@ from typing import Any
 
 import torch
 
-from models.weights import ASPP_PREFIX, StateDictMismatchError, check_state_dict_fits, load_original_checkpoint
+from models.weights import (
+    ASPP_PREFIX,
+    StateDictMismatchError,
+    check_state_dict_fits,
+    load_original_checkpoint,
+    strip_wrapper_prefixes,
+)
 
 SNAPSHOT_PATTERN = re.compile(r"^(\d+)\.pth$")
 
@@ -57,6 +63,9 @@ def save_checkpoint(obj: dict[str, Any], path: str | Path) -> Path:
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint (or a plain state dict, returned as ``{"model": sd}``).
 
+    Model keys saved through a wrapper (``module.`` from DataParallel/DDP, ``_orig_mod.`` from ``torch.compile``)
+    are returned without the prefix (:func:`models.weights.strip_wrapper_prefixes`).
+
     Raises:
         CheckpointError: file missing, unreadable or not a checkpoint.
     """
@@ -74,8 +83,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"{path}: expected a dict, got {type(obj).__name__}")
     if "model" not in obj:
         if all(isinstance(v, torch.Tensor) for v in obj.values()):
-            return {"model": obj}
+            return {"model": strip_wrapper_prefixes(obj)}
         raise CheckpointError(f"{path}: neither a checkpoint (no 'model' entry) nor a plain state dict")
+    if isinstance(obj["model"], dict):  # saved from a DataParallel / DDP / torch.compile wrapper: the same model
+        obj["model"] = strip_wrapper_prefixes(obj["model"])
     return obj
 
 

@@ -7,8 +7,9 @@
 - 2: bad input (a project error below, or a Sacred config error such as a misspelt key): one line
   ``error: <message>`` naming the file, key or scan; the observer's ``run.json`` still records the failure with the
   full traceback;
-- 130 / 143: interrupted by Ctrl-C (SIGINT) / SIGTERM (e.g. a cluster pre-empting the job): the observer records
-  ``INTERRUPTED``; snapshots already written are complete, so ``resume=True`` continues the run.
+- 130 / 143 / 138: interrupted by Ctrl-C (SIGINT) / SIGTERM / SIGUSR1 (a cluster pre-empting the job): the observer
+  records ``INTERRUPTED``. During the training loop SIGTERM and SIGUSR1 first write a snapshot at the current step
+  (``util.preemption``); ``resume=True`` continues the run exactly.
 
 In-process use (``ex.run(...)`` in tests and notebooks) is not wrapped and raises the normal exceptions.
 ``--debug`` / ``--pdb`` on the command line also keep the raw exception.
@@ -31,6 +32,7 @@ from dataloaders.dataset_info import DatasetDescriptionError
 from dataloaders.niftiio import DataFormatError
 from models.weights import PretrainedWeightsUnavailable, StateDictMismatchError
 from util.checkpoint import CheckpointError
+from util.preemption import Preempted
 from util.run_setup import ConfigError
 
 # Errors that mean "your input is wrong" (data, config, checkpoint, environment), never "the code is wrong".
@@ -39,17 +41,21 @@ PROJECT_ERRORS: tuple[type[BaseException], ...] = (
     PretrainedWeightsUnavailable, RawDataError,
 )
 EXIT_OK, EXIT_FAILURE, EXIT_USER_ERROR = 0, 1, 2
-EXIT_SIGINT, EXIT_SIGTERM = 128 + signal.SIGINT, 128 + signal.SIGTERM
+EXIT_SIGINT, EXIT_SIGTERM, EXIT_SIGUSR1 = 128 + signal.SIGINT, 128 + signal.SIGTERM, 128 + signal.SIGUSR1
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM received; Sacred treats it like Ctrl-C and marks the run ``INTERRUPTED``."""
+    """SIGTERM or SIGUSR1 received; Sacred treats it like Ctrl-C and marks the run ``INTERRUPTED``."""
 
     STATUS = "INTERRUPTED"
 
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"signal {signum}")
+        self.signum = int(signum)
+
 
 def _raise_terminated(signum: int, frame: FrameType | None) -> None:
-    raise Terminated(f"signal {signum}")
+    raise Terminated(signum)
 
 
 def error_line(err: BaseException) -> str:
@@ -93,20 +99,24 @@ def run_cli(ex: Experiment, argv: Sequence[str] | None = None,
             raise SystemExit(EXIT_USER_ERROR) from err
 
     in_main_thread = threading.current_thread() is threading.main_thread()
-    previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
+    stop_signals = (signal.SIGTERM, signal.SIGUSR1)
+    previous = {sig: signal.signal(sig, _raise_terminated) for sig in stop_signals} if in_main_thread else {}
     ex.run = guarded_run  # instance attribute: shadows Experiment.run for run_commandline only
     try:
         ex.run_commandline(list(argv) if argv is not None else None)
     except SystemExit as stop:
         code = stop.code
         return EXIT_OK if code is None else code if isinstance(code, int) else EXIT_FAILURE
+    except Preempted as stop:  # the training loop wrote a snapshot at the current step
+        print(str(stop), file=sys.stderr, flush=True)
+        return stop.exit_code
     except KeyboardInterrupt as stop:
-        terminated = isinstance(stop, Terminated)
-        print(f"interrupted ({'SIGTERM' if terminated else 'Ctrl-C'}); snapshots written so far are complete: "
-              "continue with resume=True", file=sys.stderr, flush=True)
-        return EXIT_SIGTERM if terminated else EXIT_SIGINT
+        name = signal.Signals(stop.signum).name if isinstance(stop, Terminated) else "Ctrl-C"
+        print(f"interrupted ({name}); snapshots written so far are complete: continue with resume=True",
+              file=sys.stderr, flush=True)
+        return 128 + stop.signum if isinstance(stop, Terminated) else EXIT_SIGINT
     finally:
         del ex.run
-        if in_main_thread:
-            signal.signal(signal.SIGTERM, previous_sigterm)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return EXIT_OK

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from dataloaders.normalization import to_three_channels
 from models.grid_proto_fewshot import EpisodePrototypes
@@ -34,9 +35,16 @@ def _digest(x: np.ndarray) -> bytes:
     return head + hashlib.blake2b(x.view(np.uint8).data, digest_size=16).digest()
 
 
-def _images(x: np.ndarray, device: torch.device) -> torch.Tensor:
-    """(N, H, W) float array -> (N, 3, H, W) float32 tensor on ``device``."""
-    return to_three_channels(torch.as_tensor(np.ascontiguousarray(x), dtype=torch.float32)).to(device)
+def _images(x: np.ndarray, device: torch.device, input_size: int | None = None) -> torch.Tensor:
+    """(N, H, W) float array -> (N, 3, S, S) float32 tensor on ``device``.
+
+    S = ``input_size`` when given (slices of another size are resized bilinearly, ``align_corners=False``: the
+    rule of :func:`dataloaders.normalization.resize_slices`), else S = H = W.
+    """
+    t = torch.as_tensor(np.ascontiguousarray(x), dtype=torch.float32).to(device)
+    if input_size is not None and tuple(t.shape[-2:]) != (input_size, input_size):
+        t = F.interpolate(t[:, None], size=(input_size, input_size), mode="bilinear", align_corners=False)[:, 0]
+    return to_three_channels(t)
 
 
 def _masks(masks: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,19 +71,25 @@ class FastPredictor:
         batch_size: query slices per encoder pass (and per scoring pass).
         cache_mb: size limit of the feature cache in MiB (least recently used entries are dropped first);
             0 disables feature caching (every call encodes its query slices; prototypes stay cached).
+        input_size: the network's input side (the config's ``input_size``). Slices of another in-plane size are
+            resized bilinearly to it for the encoder only: support masks are pooled from their own grid onto the
+            feature map, and the logits are upsampled from the feature map straight to the slice's own (H, W),
+            so every prediction and metric is on the image's grid (never cropped or padded). ``None``: encode
+            slices at their own size.
 
     Attributes:
         stats: counters ``encoded`` (slices through the encoder), ``feature_hits`` and ``prototype_hits``.
     """
 
     def __init__(self, model: torch.nn.Module, device: torch.device, window: int = 2, batch_size: int = 16,
-                 cache_mb: float = 1024.0) -> None:
+                 cache_mb: float = 1024.0, input_size: int | None = None) -> None:
         if batch_size < 1:
             raise ValueError(f"eval batch size must be >= 1, got {batch_size}")
         if cache_mb < 0:
             raise ValueError(f"cache_mb must be >= 0, got {cache_mb}")
         self.model, self.device, self.window, self.batch_size = model.eval(), device, window, batch_size
         self.cache_bytes = int(cache_mb * 2**20)
+        self.input_size = input_size
         self._feats: OrderedDict[bytes, torch.Tensor] = OrderedDict()  # digest -> (C, h, w) features
         self._feat_bytes = 0
         self._protos: OrderedDict[bytes, EpisodePrototypes] = OrderedDict()  # supports + masks
@@ -96,7 +110,7 @@ class FastPredictor:
             first = {k: i for i, k in reversed(list(enumerate(keys)))}  # first position of each key
             for start in range(0, len(todo), self.batch_size):
                 batch = todo[start:start + self.batch_size]
-                feats = self.model.encode(_images(slices[[first[k] for k in batch]], self.device))
+                feats = self.model.encode(_images(slices[[first[k] for k in batch]], self.device, self.input_size))
                 fresh.update(zip(batch, feats, strict=True))
             self.stats["encoded"] += len(todo)
         self.stats["feature_hits"] += len(keys) - len(todo)
@@ -115,7 +129,7 @@ class FastPredictor:
 
     def _prototypes(self, support_images: np.ndarray, support_masks: np.ndarray) -> EpisodePrototypes:
         """Prototypes of (S, H, W) support slices and masks, from the cache when this support set was seen."""
-        key = _digest(support_images) + _digest(support_masks) + str(self.window).encode()
+        key = _digest(support_images) + _digest(support_masks) + str(self.window).encode()  # native-grid bytes
         protos = self._protos.get(key)
         if protos is not None:
             self.stats["prototype_hits"] += 1

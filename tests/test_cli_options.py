@@ -1,0 +1,71 @@
+"""Every command-line tool checks its options before any work (util/options.py): one out-of-range option per CLI
+gives exit code 2, a single ``error:`` line naming the option, and nothing written."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+import bench.__main__ as bench_cli
+from data_preprocessing import chaos, class_slice_index, cmr, phantom, pseudolabel, sabs, verify
+from tests.reliability_fixtures import script
+from util import baseline, demo, summarize
+
+
+def _cases(tmp: Path) -> list[tuple[str, Callable, list[str], str]]:
+    out, raw, nowhere = str(tmp / "out"), str(tmp), str(tmp / "nowhere")
+    return [
+        ("phantom", phantom.main, ["--out", out, "--n-slices-min", "8"],
+         r"argument --n-slices-min: must be >= 12, got 8"),
+        ("phantom_range", phantom.main, ["--out", out, "--n-slices-min", "20", "--n-slices-max", "14"],
+         r"--n-slices-min 20 is larger than --n-slices-max 14"),
+        ("pseudolabel", pseudolabel.main, ["--dataset", "PHANTOM", "--data-dir", out, "--workers", "0"],
+         r"argument --workers: must be >= 1, got 0"),
+        ("class_slice_index", class_slice_index.main, ["--dataset", "PHANTOM", "--data-dir", out, "--min-fg", "0"],
+         r"argument --min-fg: must be >= 1, got 0"),
+        ("verify", verify.main, ["--dataset", "PHANTOM", "--data-dir", nowhere],
+         rf"argument --data-dir: {re.escape(nowhere)}: no such folder"),
+        ("chaos", chaos.main, ["--raw", raw, "--out", out, "--workers", "0"], r"argument --workers: must be >= 1"),
+        ("sabs", sabs.main, ["--raw", raw, "--out", out, "--workers", "-2"], r"argument --workers: must be >= 1"),
+        ("cmr", cmr.main, ["--raw", raw, "--out", out, "--workers", "0"], r"argument --workers: must be >= 1"),
+        ("baseline", baseline.main, ["--dataset", "PHANTOM", "--fold", "9"],
+         r"--fold 9 is out of range: PHANTOM has \d+ folds"),
+        ("baseline_pct", baseline.main, ["--dataset", "PHANTOM", "--high-pct", "120"],
+         r"argument --high-pct: must be in \[0, 100\], got 120"),
+        ("summarize", summarize.main, [nowhere], rf"argument runs: {re.escape(nowhere)}: no such folder"),
+        ("bench", bench_cli.main, ["--device", "tpu", "--out", str(tmp / "bench.json")],
+         r"--device must be cpu or cuda\[:index\], got 'tpu'"),
+        ("demo", demo.main, ["--steps", "0", "--out", out, "--data-dir", str(tmp / "data")],
+         r"argument --steps: must be >= 1, got 0"),
+    ]
+
+
+CASE_IDS = [c[0] for c in _cases(Path("/x"))]
+
+
+@pytest.mark.parametrize("index", range(len(CASE_IDS)), ids=CASE_IDS)
+def test_out_of_range_option_stops_before_any_work(index: int, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    name, main, argv, message = _cases(tmp_path)[index]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
+    assert re.search(message, lines[0]), lines[0]
+    assert lines[0].endswith("--help)")  # points at the usage
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing created
+    assert captured.out == ""
+
+
+def test_phantom_real_script(tmp_path: Path) -> None:
+    proc = script(["-m", "data_preprocessing.phantom", "--out", str(tmp_path / "ph"), "--n-slices-min", "8"])
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("error: argument --n-slices-min: must be >= 12, got 8 (see python -m "
+                                   "data_preprocessing.phantom --help)")
+    assert not (tmp_path / "ph").exists()
