@@ -123,7 +123,7 @@ class DicomSeries:
         geometry: SimpleITK geometry (LPS): origin = first slice's ImagePositionPatient, direction columns =
             row direction, column direction, slice normal; spacing = (column spacing, row spacing, slice gap).
         files: DICOM files in spatial order.
-        numbers: slice numbers of the file names, in spatial order.
+        numbers: slice numbers of the file names, in spatial order (empty when read with ``numbered_files=False``).
     """
 
     image: np.ndarray
@@ -139,12 +139,15 @@ def _float_list(ds: pydicom.Dataset, keyword: str, n: int, path: Path, where: st
     return np.array([float(v) for v in value], dtype=np.float64)
 
 
-def read_dicom_series(dicom_dir: str | Path, where: str = "") -> DicomSeries:
+def read_dicom_series(dicom_dir: str | Path, where: str = "", numbered_files: bool = True) -> DicomSeries:
     """Read a folder of single-slice DICOM files as one volume in spatial order.
 
     Args:
         dicom_dir: folder with one file per slice (hidden files are skipped).
         where: prefix of error messages (e.g. ``"patient 5"``).
+        numbered_files: the file names end in a slice number (CHAOS ``IMG-0004-00017.dcm``), read into
+            ``numbers`` for pairing with the ground truth; ``False`` (any file names, e.g. a user's series named
+            by SOP UID) leaves ``numbers`` empty.
 
     Raises:
         RawDataError: empty folder, unreadable file, missing geometry tags, slices from more than one
@@ -215,7 +218,7 @@ def read_dicom_series(dicom_dir: str | Path, where: str = "") -> DicomSeries:
                         origin=tuple(float(v) for v in slices[0][0]),
                         direction=tuple(float(v) for v in direction.ravel()))
     files_sorted = [s[1] for s in slices]
-    numbers = [slice_number(p, where) for p in files_sorted]
+    numbers = [slice_number(p, where) for p in files_sorted] if numbered_files else []
     dup = _first_duplicate(numbers, files_sorted)
     if dup:
         raise RawDataError(f"{where}: DICOM files {dup[0].name} and {dup[1].name} carry the same slice number")

@@ -5,19 +5,23 @@ Every dataset, built-in or a user's own, is described by one JSON/JSON5 file. Th
 :func:`get_dataset_info` given its path. Scripts look every dataset-dependent value up here and never branch on
 dataset names.
 
-Description file keys (see ``dataloaders/datasets/*.json5`` and the README):
+Description file keys (see ``dataloaders/datasets/*.json5`` and docs/data-format.md):
 
 - ``name`` (str), ``modality`` ("CT" | "MR"), ``data_dir`` (str, default folder of the processed files),
 - ``labels`` ({"<id>": "<NAME>"}, must include 0),
-- ``eval_classes`` (list of ids scored by the protocol, ``pa_all`` in the original),
+- ``eval_classes`` (list of ids scored by the protocol, ``pa_all`` in the original; empty only when ``labels``
+  names no foreground class),
 - ``label_groups`` (list of id lists; group g trains with ``label_groups[g]`` and tests on the rest of
   ``eval_classes``; optional, default: one group per evaluated class),
 - ``scan_ids`` (optional fixed, sorted id list; otherwise ids are discovered in the data folder),
 - ``folds``: ``{"sep": [...]}`` (the original's separators over positions of the circular id list),
   ``{"n_folds": k}`` (automatic, equal-sized, optionally ``"seed"`` to shuffle first), or an explicit list
-  ``[{"queries": [...], "support": [...]}, ...]`` of scan ids,
+  ``[{"queries": [...], "support": [...]}, ...]`` of scan ids (``{"queries": [], "support": []}``: a
+  training-only fold, every scan trains and nothing is evaluated),
 - ``body_threshold`` (float, raw-intensity threshold of the pseudolabel body mask; default 1e-4 for CT and
-  50.0001 for MR), ``aliases`` (optional other names).
+  50.0001 for MR), ``aliases`` (optional other names),
+- ``n_sv`` (int, voxels, default 5000): mean size of the 3D supervoxels of ``pseudolabel --dim 3`` (the ADNet
+  lineage's 5000 for abdominal scans, 1000 for cardiac MRI; docs/supervoxels.md).
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 _ALLOWED_KEYS = {
     "name", "modality", "data_dir", "labels", "eval_classes", "label_groups", "scan_ids", "folds",
-    "body_threshold", "aliases", "description",
+    "body_threshold", "aliases", "description", "n_sv",
 }
 _DEFAULT_BODY_THRESHOLD = {"CT": 1e-4, "MR": 1e-4 + 50.0}
 
@@ -81,6 +85,7 @@ class DatasetInfo:
         folds_spec: the ``folds`` entry of the description file.
         body_threshold: raw-intensity threshold of the pseudolabel body mask.
         source: the description file this came from.
+        n_sv: mean 3D supervoxel size in voxels (``pseudolabel --dim 3``).
     """
 
     name: str
@@ -94,6 +99,7 @@ class DatasetInfo:
     body_threshold: float
     source: Path
     aliases: tuple[str, ...] = field(default=())
+    n_sv: int = 5000
 
     # ---------------------------------------------------------------- labels and groups
     @property
@@ -168,6 +174,8 @@ class DatasetInfo:
         spec = self.folds_spec
         if isinstance(spec, list):
             entry = spec[index]
+            if not entry["queries"] and not entry["support"]:  # a training-only fold: every scan trains
+                return Fold(index=index, queries=(), support=(), train=tuple(ids))
             queries = tuple(int(i) for i in entry["queries"])
             support = tuple(int(i) for i in entry["support"])[:n_shots]
             if len(support) < n_shots:
@@ -248,7 +256,9 @@ def parse_description(raw: dict[str, Any], source: Path) -> DatasetInfo:
 
     eval_classes = _int_list(source, "eval_classes", raw.get("eval_classes", sorted(k for k in labels if k)))
     bad = [c for c in eval_classes if c not in labels or c == 0]
-    if bad or not eval_classes:
+    # A dataset without any foreground class (a user's unlabelled scans, data_preprocessing.prepare) trains but
+    # evaluates nothing: its eval_classes are empty.
+    if bad or (not eval_classes and any(labels)):
         raise _fail(source, f"'eval_classes' must be non-empty foreground ids of 'labels'; bad: {bad}")
 
     if "label_groups" in raw:
@@ -260,7 +270,7 @@ def parse_description(raw: dict[str, Any], source: Path) -> DatasetInfo:
     for g, group in enumerate(groups):
         if any(c not in eval_classes for c in group):
             raise _fail(source, f"label_groups[{g}] = {list(group)} names classes outside eval_classes")
-        if set(group) >= set(eval_classes):
+        if eval_classes and set(group) >= set(eval_classes):
             raise _fail(source, f"label_groups[{g}] leaves no class to test")
 
     scan_ids = None
@@ -297,6 +307,10 @@ def parse_description(raw: dict[str, Any], source: Path) -> DatasetInfo:
     if not isinstance(threshold, (int, float)) or isinstance(threshold, bool):
         raise _fail(source, f"'body_threshold' must be a number, got {threshold!r}")
 
+    n_sv = raw.get("n_sv", 5000)
+    if not isinstance(n_sv, int) or isinstance(n_sv, bool) or n_sv < 1:
+        raise _fail(source, f"'n_sv' must be a positive integer (voxels), got {n_sv!r}")
+
     data_dir = Path(raw.get("data_dir", f"data/{name}"))
     if not data_dir.is_absolute():
         data_dir = REPO_ROOT / data_dir
@@ -304,7 +318,7 @@ def parse_description(raw: dict[str, Any], source: Path) -> DatasetInfo:
     return DatasetInfo(
         name=name, modality=modality, labels=dict(sorted(labels.items())), eval_classes=eval_classes,
         label_groups=groups, data_dir=data_dir, scan_ids=scan_ids, folds_spec=folds,
-        body_threshold=float(threshold), source=source, aliases=aliases,
+        body_threshold=float(threshold), source=source, aliases=aliases, n_sv=n_sv,
     )
 
 

@@ -6,7 +6,11 @@
 2. build the class-slice index and the superpixel pseudolabels;
 3. train ALPNet with the ``demo`` config (``python training.py with demo ...``);
 4. evaluate fold 0 on all four organs next to the intensity baseline (``python validation.py with demo ...``);
-5. print the table; results in ``<out>/results.json``, a training curve in ``<out>/training_curve.png``.
+5. print the table; results in ``<out>/results.json``, a training curve in ``<out>/training_curve.png``;
+6. own-scans check: export fold 0's two queries to a scanner-like raw geometry (512x512, 0.7 mm, RAS-stored
+   NIfTI: x and y flipped against the processed grid), segment them with ``predict.py`` from the fold's support
+   scan, and print their Dice next to the Dice of the same scans given in the processed format
+   (``<out>/predict_foreign/report.html``, ``<out>/predict_processed/report.html``).
 Each step prints the command that repeats it.
 """
 
@@ -24,6 +28,7 @@ import numpy as np
 
 from dataloaders import niftiio
 from dataloaders.dataset_info import get_dataset_info
+from util.options import OptionParser, int_at_least
 
 PHANTOM_ARGS = {"n_scans": 10, "seed": 0, "size": 256, "appearance": "mr"}
 
@@ -71,6 +76,73 @@ def data_summary(data_dir: Path) -> str:
     return "\n".join(lines)
 
 
+# A scanner-like raw geometry for the phantom (processed: 256x256 at 1.25 mm, identity direction).
+FOREIGN_SIZE, FOREIGN_SPACING = 512, 0.7  # in-plane voxels and mm (field of view 358 mm > 320 mm)
+FOREIGN_DIRECTION = (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)  # how SimpleITK reads a RAS-stored NIfTI
+
+
+def export_foreign(data_dir: Path, scan_id: int, out_dir: Path) -> tuple[Path, Path]:
+    """Write a processed phantom scan in another geometry covering the same physical space.
+
+    The image is resampled linearly, the label by nearest neighbour, onto a ``FOREIGN_SIZE`` x ``FOREIGN_SIZE``
+    grid of ``FOREIGN_SPACING`` mm in-plane, slices kept (same z spacing and positions), centred on the scan and
+    with the direction ``FOREIGN_DIRECTION``: array x and y run the other way (a NIfTI written in RAS).
+
+    Returns:
+        (image path, label path): ``phantom_<id>.nii.gz`` and ``phantom_<id>_label.nii.gz`` in ``out_dir``.
+    """
+    import SimpleITK as sitk
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for src_path, suffix, interp in ((niftiio.image_path(data_dir, scan_id), "", sitk.sitkLinear),
+                                     (niftiio.label_path(data_dir, scan_id), "_label", sitk.sitkNearestNeighbor)):
+        src = niftiio.read_sitk(src_path)
+        nx, ny, nz = src.GetSize()
+        centre = np.asarray(src.TransformContinuousIndexToPhysicalPoint(((nx - 1) / 2, (ny - 1) / 2, 0.0)))
+        spacing = (FOREIGN_SPACING, FOREIGN_SPACING, src.GetSpacing()[2])
+        half = (FOREIGN_SIZE - 1) / 2 * FOREIGN_SPACING
+        direction = np.asarray(FOREIGN_DIRECTION).reshape(3, 3)
+        origin = centre - direction @ np.array([half, half, 0.0])
+        res = sitk.Resample(src, [FOREIGN_SIZE, FOREIGN_SIZE, nz], sitk.Transform(), interp, tuple(origin), spacing,
+                            FOREIGN_DIRECTION, 0.0, src.GetPixelID())
+        path = out_dir / f"phantom_{scan_id}{suffix}.nii.gz"
+        niftiio.write_volume(sitk.GetArrayFromImage(res), path, reference=res)
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+def foreign_geometry_check(out: Path, data_dir: Path, checkpoint: Path, queries: list[int], support: int) -> float:
+    """Step 6: ``predict.py`` on exported (foreign-geometry) and processed-format copies of the same queries.
+
+    Returns:
+        The difference of the mean Dice, foreign minus processed.
+    """
+    info = get_dataset_info("PHANTOM")
+    classes = ",".join(f"{info.labels[c]}={c}" for c in info.eval_classes)
+    exported = [export_foreign(data_dir, q, out / "foreign_scans") for q in queries]
+    common = [sys.executable, "predict.py", "--checkpoint", str(checkpoint), "--classes", classes,
+              "--support-image", str(niftiio.image_path(data_dir, support)),
+              "--support-label", str(niftiio.label_path(data_dir, support)), "--device", "cpu"]
+    runs = {"foreign": ([str(i) for i, _ in exported], [str(lb) for _, lb in exported]),
+            "processed": ([str(niftiio.image_path(data_dir, q)) for q in queries],
+                          [str(niftiio.label_path(data_dir, q)) for q in queries])}
+    dice: dict[str, list[float]] = {}
+    for name, (imgs, labels) in runs.items():
+        run([*common, "--query", *imgs, "--query-label", *labels, "--out", str(out / f"predict_{name}")])
+        summary = json.loads((out / f"predict_{name}" / "predictions.json").read_text())
+        dice[name] = [np.mean([c["dice"] if c["dice"] is not None else np.nan for c in q["classes"].values()])
+                      for q in summary["queries"].values()]
+    print("| scan | processed format (256x256, 1.25 mm) | foreign geometry (512x512, 0.7 mm, RAS) |")
+    print("|---|---|---|")
+    for q, d_p, d_f in zip(queries, dice["processed"], dice["foreign"]):
+        print(f"| {q} | {d_p:.3f} | {d_f:.3f} |")
+    diff = float(np.mean(dice["foreign"]) - np.mean(dice["processed"]))
+    print(f"predict.py mean Dice: processed {np.mean(dice['processed']):.3f}, foreign {np.mean(dice['foreign']):.3f} "
+          f"(difference {diff:+.3f}) | report: {out / 'predict_foreign' / 'report.html'}")
+    return diff
+
+
 def run(cmd: list[str]) -> None:
     print("$ " + " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
@@ -106,11 +178,12 @@ def plot_curve(run_dir: Path) -> Path | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OptionParser(prog="python -m util.demo", description=__doc__,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/demo"))
     parser.add_argument("--data-dir", type=Path, default=get_dataset_info("PHANTOM").data_dir)
-    parser.add_argument("--steps", type=int, default=None, help="override the demo config's n_steps")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--steps", type=int_at_least(1), default=None, help="override the demo config's n_steps")
+    parser.add_argument("--workers", type=int_at_least(1), default=os.cpu_count() or 1)
     parser.add_argument("--skip-training", action="store_true", help="only prepare and summarise the data")
     args = parser.parse_args(argv)
 
@@ -142,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"ALPNet mean Dice {res['mean_dice']:.3f} | intensity baseline {res['baseline']['mean_dice']:.3f} | "
           f"training {train_s:.0f} s | total {total:.0f} s")
     print(f"results: {args.out / 'results.json'}" + (f" | curve: {curve}" if curve else ""))
+    _step("own scans: predict.py on fold 0's queries exported to a foreign geometry, from the fold's support scan")
+    foreign_geometry_check(args.out, args.data_dir, final, list(res["query_scans"]), int(res["support_scans"][0]))
+    print(f"demo total {time.perf_counter() - t0:.0f} s")
     return 0
 
 
