@@ -33,7 +33,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -46,6 +45,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from dataloaders.niftiio import Geometry, image_path, label_path, write_json, write_volume
+from util.options import OptionParser, int_at_least
 
 Appearance = Literal["mr", "ct"]
 LABELS = {0: "BG", 1: "LIVER", 2: "RK", 3: "LK", 4: "SPLEEN"}
@@ -522,7 +522,7 @@ def _write_scan(args: tuple[Path, int, int, int, tuple[int, int], str]) -> int:
     return scan_id
 
 
-def description(out_dir: str | Path, n_scans: int, appearance: Appearance) -> dict:
+def description(out_dir: str | Path, n_scans: int, appearance: Appearance, size: int = 256) -> dict:
     """The ``dataset.json5`` content describing a generated folder (keys of ``dataloaders/datasets/PHANTOM.json5``)."""
     return {
         "name": "PHANTOM" if appearance == "mr" else "PHANTOM_CT",
@@ -537,6 +537,8 @@ def description(out_dir: str | Path, n_scans: int, appearance: Appearance) -> di
         "folds": ({"n_folds": min(5, n_scans - 1)} if n_scans >= 3 else
                   [{"queries": [0], "support": [1]}, {"queries": [1], "support": [0]}]),
         "body_threshold": 50.0001 if appearance == "mr" else 1e-4,
+        # 3D supervoxels of ~60 cm3 (5000 voxels of the 256 x 256 grid) whatever the in-plane size (docs/supervoxels.md)
+        "n_sv": max(1, round(5000 * (size / 256) ** 2)),
     }
 
 
@@ -567,7 +569,7 @@ def generate_phantom(out_dir: str | Path, n_scans: int = 10, seed: int = 0, size
             ids = list(tqdm(pool.map(_write_scan, jobs), total=n_scans, desc="phantom", unit="scan"))
     else:
         ids = [_write_scan(j) for j in tqdm(jobs, desc="phantom", unit="scan")]
-    write_json(description(out, n_scans, appearance), out / "dataset.json5")
+    write_json(description(out, n_scans, appearance, size), out / "dataset.json5")
     return ids
 
 
@@ -604,17 +606,20 @@ def save_preview(data_dir: str | Path, png: str | Path, scan_ids: list[int] | No
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    """Command-line entry point; a bad option exits with one ``error:`` line and code 2 before any work."""
+    ap = OptionParser(prog="python -m data_preprocessing.phantom", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="output folder")
-    ap.add_argument("--n-scans", type=int, default=10)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--size", type=int, default=256, help="in-plane size H = W")
-    ap.add_argument("--n-slices-min", type=int, default=30)
-    ap.add_argument("--n-slices-max", type=int, default=40)
+    ap.add_argument("--n-scans", type=int_at_least(2), default=10)
+    ap.add_argument("--seed", type=int_at_least(0), default=0)
+    ap.add_argument("--size", type=int_at_least(48), default=256, help="in-plane size H = W (>= 48)")
+    ap.add_argument("--n-slices-min", type=int_at_least(12), default=30, help="fewest slices per scan (>= 12)")
+    ap.add_argument("--n-slices-max", type=int_at_least(12), default=40, help="most slices per scan")
     ap.add_argument("--appearance", choices=("mr", "ct"), default="mr")
-    ap.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--workers", type=int_at_least(1), default=min(2, os.cpu_count() or 1))
     ap.add_argument("--preview", default=None, help="also save a PNG grid of slices with label contours")
     args = ap.parse_args(argv)
+    if args.n_slices_min > args.n_slices_max:
+        ap.error(f"--n-slices-min {args.n_slices_min} is larger than --n-slices-max {args.n_slices_max}")
     t0 = time.perf_counter()
     ids = generate_phantom(args.out, args.n_scans, args.seed, args.size, args.appearance, args.n_slices_min,
                            args.n_slices_max, args.workers)

@@ -8,10 +8,15 @@ largest first); the worker reads the image, computes it and writes both files it
 process boundary. With fewer scans, scans are split into blocks of consecutive slices; a block's ids and masks
 go back to the main process, which writes the scan once all its blocks are in.
 
+With ``--dim 3`` it writes ``supervox-<SCALE>_<id>.nii.gz`` instead: 3D supervoxels over the whole volume inside
+the body mask (:mod:`data_preprocessing.supervoxels`; mean size ``--n-sv`` voxels, default the dataset's ``n_sv``),
+one scan per task, so the files are again identical for any worker count (docs/supervoxels.md).
+
 Usage::
 
     python -m data_preprocessing.pseudolabel --dataset CHAOST2 [--data-dir DIR] [--workers N] [--parity]
         [--scale MIDDLE] [--scans 1,2,3]
+    python -m data_preprocessing.pseudolabel --dataset CHAOST2 --dim 3 [--n-sv 5000] [--compactness 0.1] ...
 """
 
 from __future__ import annotations
@@ -31,7 +36,9 @@ import SimpleITK as sitk
 from tqdm import tqdm
 
 from data_preprocessing.superpixels import SCALE_MODES, scale_params, superpixel_slice
+from data_preprocessing.supervoxels import DEFAULT_COMPACTNESS, supervoxel_volume
 from dataloaders.dataset_info import DatasetDescriptionError, DatasetInfo, get_dataset_info
+from dataloaders.derived import image_fingerprint, source_note
 from dataloaders.niftiio import (
     DataFormatError,
     Geometry,
@@ -40,11 +47,13 @@ from dataloaders.niftiio import (
     list_scan_ids,
     read_volume,
     superpix_path,
+    supervox_path,
     write_volume,
 )
+from util.options import OptionParser
 
 _BLOCKS_PER_WORKER = 2  # parallel runs: at least this many tasks per worker, so the last ones finish together
-_WORKER_IMAGE: dict[str, tuple[np.ndarray, Geometry]] = {}  # per worker process: the last image read
+_WORKER_IMAGE: dict[str, tuple[np.ndarray, Geometry, str]] = {}  # per worker process: the last image read
 
 
 def _superpixel_block(image: np.ndarray, params: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, int]:
@@ -58,24 +67,26 @@ def _superpixel_block(image: np.ndarray, params: dict[str, Any]) -> tuple[np.nda
     return ids, mask, count
 
 
-def _block_job(path: str, z0: int, z1: int, params: dict[str, Any],
-               outputs: tuple[str, str] | None = None) -> tuple[np.ndarray | None, np.ndarray | None, int, Geometry]:
+def _block_job(path: str, z0: int, z1: int, params: dict[str, Any], outputs: tuple[str, str] | None = None
+               ) -> tuple[np.ndarray | None, np.ndarray | None, int, Geometry, str]:
     """Pool task: read the image at ``path`` (kept for the next block of the same scan) and do slices z0..z1-1.
 
     With ``outputs`` (superpix path, fgmask path; whole scans only) the task writes the files itself and returns
-    no arrays.
+    no arrays. The last item is the source header note (the image's fingerprint, ``dataloaders.derived``).
     """
     if outputs is not None:
         image, geom = read_volume(path)
+        note = source_note(image_fingerprint(image, geom))
         ids, mask, count = _superpixel_block(image, params)
-        write_volume(ids, outputs[0], geometry=geom)
-        write_volume(mask, outputs[1], geometry=geom)
-        return None, None, count, geom
+        write_volume(ids, outputs[0], geometry=geom, notes=note)
+        write_volume(mask, outputs[1], geometry=geom, notes=note)
+        return None, None, count, geom, note
     if path not in _WORKER_IMAGE:
         _WORKER_IMAGE.clear()
-        _WORKER_IMAGE[path] = read_volume(path)
-    image, geom = _WORKER_IMAGE[path]
-    return (*_superpixel_block(image[z0:z1], params), geom)
+        image, geom = read_volume(path)
+        _WORKER_IMAGE[path] = (image, geom, source_note(image_fingerprint(image, geom)))
+    image, geom, note = _WORKER_IMAGE[path]
+    return (*_superpixel_block(image[z0:z1], params), geom, note)
 
 
 def plan_blocks(n_slices: dict[int, int], workers: int) -> list[tuple[int, int, int]]:
@@ -164,16 +175,17 @@ def generate_pseudolabels(data_dir: str | Path, info: DatasetInfo, workers: int 
     outputs: dict[int, tuple[Path, Path]] = {}
     n_slices = n_superpixels = 0
 
-    def write(sid: int, superpix: np.ndarray, mask: np.ndarray, geom: Geometry) -> None:
-        outputs[sid] = (write_volume(superpix, superpix_path(data_dir, sid, scale), geometry=geom),
-                        write_volume(mask, fgmask_path(data_dir, sid), geometry=geom))
+    def write(sid: int, superpix: np.ndarray, mask: np.ndarray, geom: Geometry, note: str) -> None:
+        # the header records the source image's fingerprint: readers refuse the files once the image changes
+        outputs[sid] = (write_volume(superpix, superpix_path(data_dir, sid, scale), geometry=geom, notes=note),
+                        write_volume(mask, fgmask_path(data_dir, sid), geometry=geom, notes=note))
 
     if workers == 1:
         with tqdm(total=total, disable=not progress, unit="slice", desc=f"superpixels {info.name}") as bar:
             for sid in ids:
                 image, geom = read_volume(image_path(data_dir, sid))
                 sp, mask, count = _superpixel_block(image, params)
-                write(sid, sp, mask, geom)
+                write(sid, sp, mask, geom, source_note(image_fingerprint(image, geom)))
                 n_slices, n_superpixels = n_slices + image.shape[0], n_superpixels + count
                 bar.update(image.shape[0])
     else:
@@ -190,7 +202,7 @@ def generate_pseudolabels(data_dir: str | Path, info: DatasetInfo, workers: int 
             with tqdm(total=total, disable=not progress, unit="slice", desc=f"superpixels {info.name}") as bar:
                 for job in as_completed(jobs):
                     sid, z0, z1 = jobs[job]
-                    sp_block, mask_block, count, geom = job.result()
+                    sp_block, mask_block, count, geom, note = job.result()
                     if sp_block is None:  # a whole scan, written by the worker
                         outputs[sid] = (superpix_path(data_dir, sid, scale), fgmask_path(data_dir, sid))
                         n_slices, n_superpixels = n_slices + (z1 - z0), n_superpixels + count
@@ -204,7 +216,7 @@ def generate_pseudolabels(data_dir: str | Path, info: DatasetInfo, workers: int 
                     bar.update(z1 - z0)
                     left[sid] -= 1
                     if left[sid] == 0:
-                        write(sid, *partial.pop(sid), geom)
+                        write(sid, *partial.pop(sid), geom, note)
         finally:
             pool.shutdown(cancel_futures=True)
     written = [p for sid in ids for p in outputs[sid]]
@@ -213,6 +225,93 @@ def generate_pseudolabels(data_dir: str | Path, info: DatasetInfo, workers: int 
     print(f"pseudolabels {info.name} ({scale}, {'legacy' if legacy else 'compact'} ids, {workers} workers): "
           f"{len(ids)} scans, {n_slices} slices, {mean:.1f} superpixels per slice, {seconds:.1f} s -> {data_dir}")
     return written
+
+
+def _supervoxel_job(image_file: str, out_file: str, threshold: float, n_sv: int,
+                    compactness: float) -> tuple[int, int, int]:
+    """Pool task: read one image, compute its 3D supervoxels, write them with the image geometry and fingerprint.
+
+    Returns:
+        ``(number of supervoxels, number of slices, body voxels)``.
+    """
+    image, geom = read_volume(image_file)
+    note = source_note(image_fingerprint(image, geom))
+    spacing_zyx = tuple(geom.spacing)[::-1]  # SimpleITK (x, y, z) -> array axes (z, y, x)
+    ids, _ = supervoxel_volume(image, spacing_zyx, threshold, n_sv=n_sv, compactness=compactness)
+    write_volume(ids, out_file, geometry=geom, notes=note)
+    return int(ids.max()), int(image.shape[0]), int(np.count_nonzero(ids))
+
+
+def generate_supervoxels(data_dir: str | Path, info: DatasetInfo, workers: int = 1, n_sv: int | None = None,
+                         compactness: float = DEFAULT_COMPACTNESS, scale: str = "MIDDLE",
+                         scan_ids: list[int] | None = None, progress: bool = True) -> list[Path]:
+    """Compute and write the 3D supervoxels ``supervox-<scale>_<id>.nii.gz`` of the scans in ``data_dir``.
+
+    Each scan is one task (the over-segmentation is of the whole volume); tasks run largest first in a process
+    pool when ``workers > 1``. Every scan's result depends only on its image, so the files are identical for any
+    ``workers``.
+
+    Args:
+        data_dir: processed-data folder holding ``image_<id>.nii.gz``.
+        info: dataset description; ``body_threshold`` sets the body mask and ``n_sv`` the default size.
+        workers: processes (1: in this process).
+        n_sv: mean supervoxel size in voxels (default ``info.n_sv``: 5000 abdomen, 1000 cardiac).
+        compactness: SLIC compactness (:data:`data_preprocessing.supervoxels.DEFAULT_COMPACTNESS`).
+        scale: file tag (only ``"MIDDLE"``, as for the 2D files).
+        scan_ids: scans to process (default: every image in the folder).
+        progress: show a tqdm bar over scans.
+
+    Returns:
+        The written supervoxel paths, in scan-id order.
+
+    Raises:
+        DataFormatError: missing folder, no images, a requested scan or a file that cannot be read.
+        ValueError: ``workers < 1``, ``n_sv < 1``, ``compactness <= 0`` or an unknown ``scale``.
+    """
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    n_sv = info.n_sv if n_sv is None else int(n_sv)
+    if n_sv < 1 or compactness <= 0:
+        raise ValueError(f"n_sv must be >= 1 and compactness > 0, got {n_sv} and {compactness}")
+    scale_params(scale)  # the same tags as the 2D files
+    data_dir = Path(data_dir)
+    ids = _select_scans(data_dir, scan_ids)
+    order = sorted(ids, key=lambda sid: (-_n_slices(image_path(data_dir, sid)), sid))  # largest first
+    jobs = {sid: (str(image_path(data_dir, sid)), str(supervox_path(data_dir, sid, scale)), info.body_threshold,
+                  n_sv, float(compactness)) for sid in order}
+    start = time.perf_counter()
+    stats: dict[int, tuple[int, int, int]] = {}
+    with tqdm(total=len(ids), disable=not progress, unit="scan", desc=f"supervoxels {info.name}") as bar:
+        if workers == 1:
+            for sid in order:
+                stats[sid] = _supervoxel_job(*jobs[sid])
+                bar.update(1)
+        else:
+            pool = ProcessPoolExecutor(max_workers=min(workers, len(ids)), mp_context=_pool_context())
+            try:
+                futures = {pool.submit(_supervoxel_job, *jobs[sid]): sid for sid in order}
+                for job in as_completed(futures):
+                    stats[futures[job]] = job.result()
+                    bar.update(1)
+            finally:
+                pool.shutdown(cancel_futures=True)
+    n_total = sum(v[0] for v in stats.values())
+    body = sum(v[2] for v in stats.values())
+    print(f"supervoxels {info.name} ({scale}, n_sv {n_sv}, compactness {compactness:g}, {workers} workers): "
+          f"{len(ids)} scans, {n_total / max(len(ids), 1):.1f} supervoxels per scan, "
+          f"{body / max(n_total, 1):.0f} voxels each on average, {time.perf_counter() - start:.1f} s -> {data_dir}")
+    return [supervox_path(data_dir, sid, scale) for sid in ids]
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
 
 
 def _id_list(text: str) -> list[int]:
@@ -238,8 +337,7 @@ def positive_int(text: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit code (2 on a data or dataset error)."""
-    parser = argparse.ArgumentParser(prog="python -m data_preprocessing.pseudolabel",
-                                     description=__doc__.split("\n")[0])
+    parser = OptionParser(prog="python -m data_preprocessing.pseudolabel", description=__doc__.split("\n")[0])
     parser.add_argument("--dataset", required=True, help="registry name (e.g. CHAOST2) or description file path")
     parser.add_argument("--data-dir", type=Path, default=None, help="processed folder (default: the dataset's)")
     parser.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1,
@@ -247,12 +345,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parity", action="store_true", help="the original's superpixel numbering (Q2)")
     parser.add_argument("--scale", default="MIDDLE", choices=sorted(SCALE_MODES), help="Felzenszwalb mode")
     parser.add_argument("--scans", type=_id_list, default=None, help="comma-separated scan ids (default: all)")
+    parser.add_argument("--dim", type=int, choices=(2, 3), default=2,
+                        help="2: per-slice superpixels (the original); 3: supervoxels of the whole volume")
+    parser.add_argument("--n-sv", type=positive_int, default=None,
+                        help="--dim 3: mean supervoxel size in voxels (default: the dataset's n_sv)")
+    parser.add_argument("--compactness", type=positive_float, default=None,
+                        help=f"--dim 3: SLIC compactness (default {DEFAULT_COMPACTNESS})")
     args = parser.parse_args(argv)
+    if args.dim == 2 and (args.n_sv is not None or args.compactness is not None):
+        parser.error("--n-sv and --compactness apply to --dim 3 only")
+    if args.dim == 3 and args.parity:
+        parser.error("--parity (the original's 2D superpixel numbering) does not apply to --dim 3")
     try:
         info = get_dataset_info(args.dataset)
         data_dir = args.data_dir if args.data_dir is not None else info.data_dir
-        generate_pseudolabels(data_dir, info, workers=args.workers, legacy=args.parity, scale=args.scale,
-                              scan_ids=args.scans)
+        if args.dim == 3:
+            generate_supervoxels(data_dir, info, workers=args.workers, n_sv=args.n_sv,
+                                 compactness=DEFAULT_COMPACTNESS if args.compactness is None else args.compactness,
+                                 scale=args.scale, scan_ids=args.scans)
+        else:
+            generate_pseudolabels(data_dir, info, workers=args.workers, legacy=args.parity, scale=args.scale,
+                                  scan_ids=args.scans)
     except (DatasetDescriptionError, DataFormatError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

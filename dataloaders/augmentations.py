@@ -12,8 +12,26 @@ One call augments one slice and its label map together:
 5. gamma on the image only: ``gamma ~ U(g0, g1)`` applied to min-max-scaled intensities, range restored.
 
 Every random number comes from the ``np.random.Generator`` passed in (Q5), drawn in a fixed order: flips, affine
-(rotation, tx, ty, shear, zoom), elastic (dx noise, dy noise), gamma. A step whose parameters make it the identity
-draws nothing. The parameters follow the original's ``dataloaders/augutils.py`` (augmentation credited there to
+(rotation, tx, ty, shear, zoom), elastic (first noise field, second noise field), gamma. A step whose parameters
+make it the identity draws nothing.
+
+``AugParams.parity=True`` reproduces the original's arithmetic, so that the same draws give a bit-identical result
+(SPEC 5.3); the default differs from it in four places, each for a reason:
+
+======================  ==========================================  ===============================================
+step                    default                                     ``parity=True`` (the original)
+======================  ==========================================  ===============================================
+rotation / zoom centre  ((W-1)/2, (H-1)/2), the centre of the       cv2 centre (H/2, W//2): half a pixel off the
+                        pixel grid: a rotation or zoom has no        grid centre, so a rotation or zoom also shifts
+                        translation part                             the image (<= 0.2 px for ``sabs_aug``)
+affine matrix           float64                                     composed in float64, rounded to float32
+elastic fields          float64; 1st draw displaces rows, 2nd       float32; 1st draw displaces columns, 2nd rows
+                        columns                                     (same distribution either way)
+gamma                   lo + r ((x - lo) / r) ** g, r = hi - lo:     lo + r' ((x - lo + 1e-5) / r') ** g,
+                        min and max stay where they were            r' = hi - lo + 1e-5, in float32: the minimum
+                                                                    moves up by r' (1e-5 / r') ** g
+======================  ==========================================  ===============================================
+ The parameters follow the original's ``dataloaders/augutils.py`` (augmentation credited there to
 J. Schlemper); the code is written from SPEC 5.3.
 """
 
@@ -48,6 +66,8 @@ class AugParams:
         elastic_kernel: blur kernel size (odd); the original uses ``int(4 * sigma) | 1`` = 21.
         gamma: (low, high) range of the gamma exponent, or ``None`` for no gamma step.
         border_fill: affine border value of the image: ``"zero_normalised"`` (0, the original, Q17) or ``"min"``.
+        parity: use the original's arithmetic (centre, float32 matrix and fields, field order, gamma's 1e-5), bit
+            identical for the same draws; see the module docstring.
     """
 
     flip_ud: bool = False
@@ -63,6 +83,7 @@ class AugParams:
     elastic_kernel: int = 21
     gamma: tuple[float, float] | None = (0.5, 1.5)
     border_fill: BorderFill = "zero_normalised"
+    parity: bool = False
 
     def __post_init__(self) -> None:
         if self.border_fill not in ("zero_normalised", "min"):
@@ -116,27 +137,30 @@ def get_preset(name: str) -> AugParams:
 
 # -------------------------------------------------------------------- affine
 def affine_matrix(shape: tuple[int, int], rotate_deg: float, tx: float, ty: float, shear_deg: float,
-                  zoom: float) -> np.ndarray:
+                  zoom: float, parity: bool = False) -> np.ndarray:
     """The forward 2x3 matrix (output = M @ [x, y, 1]) of rotate -> translate -> shear -> zoom.
 
     Args:
-        shape: image shape ``(H, W)``; rotation and zoom are about its centre ``((W-1)/2, (H-1)/2)``.
+        shape: image shape ``(H, W)``; rotation and zoom are about its centre ``(x, y) = ((W-1)/2, (H-1)/2)``
+            (``parity``: the original's ``(H/2, W//2)``, SPEC 5.3).
         rotate_deg: rotation in degrees (OpenCV sign convention: positive is counter-clockwise on screen).
         tx, ty: translation in pixels along x (columns) and y (rows).
         shear_deg: shear angle t; the shear matrix is [[1, -sin t, 0], [0, cos t, 0]] (about the origin).
         zoom: isotropic scale factor.
+        parity: the original's centre, and the product (computed in float64) rounded to float32.
 
     Returns:
-        (2, 3) float64 matrix for ``cv2.warpAffine`` (without ``WARP_INVERSE_MAP``).
+        (2, 3) matrix for ``cv2.warpAffine`` (without ``WARP_INVERSE_MAP``): float64, float32 with ``parity``.
     """
     h, w = shape
-    centre = ((w - 1) / 2.0, (h - 1) / 2.0)
+    centre = (h / 2.0, float(w // 2)) if parity else ((w - 1) / 2.0, (h - 1) / 2.0)
     rot = np.vstack([cv2.getRotationMatrix2D(centre, float(rotate_deg), 1.0), [0.0, 0.0, 1.0]])
     shift = np.array([[1.0, 0.0, tx], [0.0, 1.0, ty], [0.0, 0.0, 1.0]])
     t = math.radians(shear_deg)
     shear = np.array([[1.0, -math.sin(t), 0.0], [0.0, math.cos(t), 0.0], [0.0, 0.0, 1.0]])
     scale = np.vstack([cv2.getRotationMatrix2D(centre, 0.0, float(zoom)), [0.0, 0.0, 1.0]])
-    return (scale @ shear @ shift @ rot)[:2]
+    matrix = (scale @ shear @ shift @ rot)[:2]
+    return matrix.astype(np.float32) if parity else matrix
 
 
 def warp_affine(channels: np.ndarray, matrix: np.ndarray, border_values: list[float]) -> np.ndarray:
@@ -151,21 +175,25 @@ def warp_affine(channels: np.ndarray, matrix: np.ndarray, border_values: list[fl
 
 # -------------------------------------------------------------------- elastic
 def elastic_field(shape: tuple[int, int], alpha: float, sigma: float, kernel: int,
-                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Smooth random displacement fields ``(drow, dcol)``, each ``(H, W)`` float64, in pixels.
+                  rng: np.random.Generator, parity: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Smooth random displacement fields ``(drow, dcol)``, each ``(H, W)``, in pixels.
 
-    Draws the row noise first, then the column noise, each ``U(-1, 1)`` per pixel.
+    Draws two noise fields, each ``U(-1, 1)`` per pixel, blurs each (``cv2.GaussianBlur``) and scales it by
+    ``alpha``. Default: float64, the first field displaces rows. ``parity`` (the original's ``elastic_transform_nd``,
+    SPEC 5.3): the fields are rounded to float32 and the first one displaces columns.
     """
-    drow = cv2.GaussianBlur(rng.uniform(-1.0, 1.0, size=shape), (kernel, kernel), sigma) * alpha
-    dcol = cv2.GaussianBlur(rng.uniform(-1.0, 1.0, size=shape), (kernel, kernel), sigma) * alpha
-    return drow, dcol
+    first = cv2.GaussianBlur(rng.uniform(-1.0, 1.0, size=shape), (kernel, kernel), sigma) * alpha
+    second = cv2.GaussianBlur(rng.uniform(-1.0, 1.0, size=shape), (kernel, kernel), sigma) * alpha
+    if parity:
+        return second.astype(np.float32), first.astype(np.float32)
+    return first, second
 
 
 def warp_elastic(channels: np.ndarray, drow: np.ndarray, dcol: np.ndarray) -> np.ndarray:
     """Resample each channel of ``(C, H, W)`` at ``(row + drow, col + dcol)`` (linear, mode ``'reflect'``)."""
     _, h, w = channels.shape
     rows, cols = np.meshgrid(np.arange(h, dtype=np.float64), np.arange(w, dtype=np.float64), indexing="ij")
-    coords = np.stack([rows + drow, cols + dcol])
+    coords = np.stack([rows + drow, cols + dcol])  # float64 (float32 fields are widened exactly)
     out = np.empty_like(channels)
     for i in range(channels.shape[0]):
         out[i] = map_coordinates(channels[i], coords, order=1, mode="reflect")
@@ -184,6 +212,26 @@ def gamma_transform(image: np.ndarray, gamma: float) -> np.ndarray:
         return image.copy()
     scaled = (image - lo) / (hi - lo)
     return (np.power(scaled, gamma) * (hi - lo) + lo).astype(image.dtype, copy=False)
+
+
+def gamma_transform_parity(image: np.ndarray, gamma: float) -> np.ndarray:
+    """The original's gamma: ``lo + r * ((x - lo + 1e-5) / r) ** gamma`` with ``r = hi - lo + 1e-5`` (SPEC 5.3).
+
+    Float32 throughout, as the original computed it on a float32 slice under NumPy 1.x promotion: ``hi - lo`` in
+    float32, ``+ 1e-5`` in float64 and the sum rounded to float32; ``gamma`` rounded to float32 in the power.
+
+    Args:
+        image: ``(H, W)`` float image (cast to float32).
+        gamma: exponent.
+
+    Returns:
+        ``(H, W)`` float32.
+    """
+    x = np.asarray(image, dtype=np.float32)
+    lo, hi = x.min(), x.max()
+    r = np.float32(np.float64(hi - lo) + 1e-5)
+    shifted = (x - lo) + np.float32(1e-5)
+    return r * np.power(shifted / r, np.float32(gamma)) + lo
 
 
 # -------------------------------------------------------------------- the preset
@@ -227,17 +275,18 @@ def augment(image: np.ndarray, label: np.ndarray, params: AugParams, rng: np.ran
         ty = rng.uniform(-params.shift_px, params.shift_px)
         shear = rng.uniform(-params.shear_deg, params.shear_deg)
         zoom = rng.uniform(params.scale[0], params.scale[1])
-        matrix = affine_matrix(stack.shape[1:], rot, tx, ty, shear, zoom)
+        matrix = affine_matrix(stack.shape[1:], rot, tx, ty, shear, zoom, parity=params.parity)
         fill = float(stack[0].min()) if params.border_fill == "min" else 0.0
         stack = warp_affine(stack, matrix, [fill] + [0.0] * n_classes)
 
     if params.elastic_alpha:
         drow, dcol = elastic_field(stack.shape[1:], params.elastic_alpha, params.elastic_sigma,
-                                   params.elastic_kernel, rng)
+                                   params.elastic_kernel, rng, parity=params.parity)
         stack = warp_elastic(stack, drow, dcol)
 
     out_label = np.argmax(np.rint(stack[1:]), axis=0).astype(np.int64)
     out_image = stack[0]
     if params.gamma is not None:
-        out_image = gamma_transform(out_image, rng.uniform(params.gamma[0], params.gamma[1]))
+        transform = gamma_transform_parity if params.parity else gamma_transform
+        out_image = transform(out_image, rng.uniform(params.gamma[0], params.gamma[1]))
     return out_image.astype(np.float32, copy=False), out_label

@@ -12,10 +12,20 @@ Prototype modes:
 * ``gridconv`` (background): local prototypes only = avg-pooled F over non-overlapping w x w windows whose avg-pooled
   mask is > ``thresh`` (0.95). When no window qualifies, the global prototype is used instead (mode ``mask``,
   ``fallback=True``; the original raised and skipped the step, Q14).
-* ``gridconv+`` (foreground): local prototypes + the global prototype p_g = sum(F M) / (sum(M) + 1e-5) over all shots;
-  only when max avgpool_{4x4}(M) >= ``thresh`` (the 4 is the original's hard-coded rule window, Q13), otherwise
-  mode ``mask``.
+* ``gridconv+`` (foreground): local prototypes + global prototype(s); only when max avgpool_{4x4}(M) >= ``thresh``
+  (the 4 is the original's hard-coded rule window, Q13), otherwise mode ``mask``.
 * ``mask``: the global prototype alone.
+
+Global prototypes with S > 1 shots (SPEC 8.8), ``multishot``:
+
+* ``per_shot`` (default, the original's rule): ``gridconv+`` keeps one global row per shot,
+  p_s = sum(F_s M_s) / (sum(M_s) + 1e-5), after the local prototypes of all shots; ``mask`` uses the mean of the
+  per-shot p_s;
+* ``pooled``: one area-weighted global prototype over all shots, p_g = sum_s sum(F_s M_s) / (sum_s sum(M_s) + 1e-5),
+  in both modes.
+
+With one shot both rules give the same prototype. Background ``gridconv`` local prototypes are collected over all
+shots under either rule.
 
 Scoring: prototypes and query features are L2-normalised (norms clamped at >= 1e-4), d_k(x) = 20 cos(q(x), p_k)
 is computed as a 1x1 conv, and the score is S(x) = sum_k softmax_k(d(x)) d_k(x) (grid modes) or S(x) = d_1(x)
@@ -31,6 +41,8 @@ import torch
 import torch.nn.functional as F
 
 PrototypeMode = Literal["gridconv", "gridconv+", "mask"]
+MultiShotRule = Literal["per_shot", "pooled"]
+MULTISHOT_RULES = ("per_shot", "pooled")
 SCALE = 20.0  # cosine similarity multiplier
 NORM_EPS = 1e-4  # lower clamp of the L2 norms
 MASK_EPS = 1e-5  # added to the mask area in the global prototype
@@ -47,7 +59,8 @@ class Prototypes:
     """Prototypes of one class for one episode.
 
     Attributes:
-        vectors: (K, C) prototypes, not normalised. In ``gridconv+`` mode the global prototype is the last row.
+        vectors: (K, C) prototypes, not normalised. In ``gridconv+`` mode the global prototype(s) are the last rows
+            (one per shot with ``multishot="per_shot"``, in shot order; one with ``"pooled"``).
         mode: Mode actually used (``gridconv+`` may fall back to ``mask``; ``gridconv`` to ``mask`` when empty).
         n_local: Number of local (window) prototypes among the K.
         fallback: True when local prototypes were requested (``gridconv``) but no window passed the threshold, so
@@ -108,6 +121,20 @@ def global_prototype(feats: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (num / (mask.sum() + MASK_EPS))[None]
 
 
+def per_shot_global_prototypes(feats: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """One masked average per shot: p_s = sum(F_s M_s) / (sum(M_s) + 1e-5) (the original's rule, SPEC 8.8).
+
+    Args:
+        feats: (S, C, h, w) features.
+        mask: (S, 1, h, w) soft mask at feature size.
+
+    Returns:
+        (S, C) prototypes in shot order (the zero vector for a shot whose mask is empty).
+    """
+    _check_pair(feats, mask)
+    return (feats * mask).sum(dim=(2, 3)) / (mask.sum(dim=(2, 3)) + MASK_EPS)
+
+
 def local_prototypes(feats: torch.Tensor, mask: torch.Tensor, window: int, thresh: float = THRESH) -> torch.Tensor:
     """Window prototypes: avg-pool F and M over non-overlapping ``window`` x ``window`` cells, keep pooled M > thresh.
 
@@ -152,6 +179,7 @@ def compute_prototypes(
     thresh: float = THRESH,
     fg_global_rule_window: int = FG_GLOBAL_RULE_WINDOW,
     allow_empty: bool = False,
+    multishot: MultiShotRule = "per_shot",
 ) -> Prototypes:
     """Prototypes of one class from support features and its soft mask (all shots of one episode together).
 
@@ -164,15 +192,20 @@ def compute_prototypes(
         fg_global_rule_window: Window of the ``gridconv+`` eligibility test (Q13).
         allow_empty: For ``gridconv+``/``mask``, accept an all-zero mask (giving the zero prototype, as the
             original does) instead of raising.
+        multishot: Foreground global prototypes with S > 1 shots: ``per_shot`` (the original's rule: one global
+            row per shot in ``gridconv+``, their mean in ``mask``) or ``pooled`` (one area-weighted prototype over
+            all shots); see the module docstring and SPEC 8.8. Irrelevant for one shot and for ``gridconv``.
 
     Returns:
         :class:`Prototypes` with the mode actually used.
 
     Raises:
-        ValueError: bad shapes or window.
+        ValueError: bad shapes, window or ``multishot`` rule.
         EmptyMaskError: an all-zero mask in ``gridconv+``/``mask`` mode without ``allow_empty``.
     """
     _check_pair(feats, mask)
+    if multishot not in MULTISHOT_RULES:
+        raise ValueError(f"multishot must be one of {MULTISHOT_RULES}, got {multishot!r}")
     if mode == "gridconv":
         local = local_prototypes(feats, mask, window, thresh)
         if local.shape[0] > 0:
@@ -186,11 +219,12 @@ def compute_prototypes(
             f"empty foreground mask at feature size {tuple(mask.shape[-2:])}: no foreground prototype can be built "
             "(the support label has no foreground, or it vanished in the bilinear downsampling)"
         )
-    glob = global_prototype(feats, mask)
+    per_shot = multishot == "per_shot" and feats.shape[0] > 1
+    glob = per_shot_global_prototypes(feats, mask) if per_shot else global_prototype(feats, mask)  # (S or 1, C)
     if mode == "gridconv+" and fg_global_rule(mask, fg_global_rule_window, thresh):
         local = local_prototypes(feats, mask, window, thresh)
         return Prototypes(torch.cat([local, glob], dim=0), "gridconv+", local.shape[0])
-    return Prototypes(glob, "mask", 0)
+    return Prototypes(glob.mean(dim=0, keepdim=True), "mask", 0)
 
 
 def safe_normalize(x: torch.Tensor, dim: int) -> torch.Tensor:

@@ -26,8 +26,10 @@ from torch import nn
 
 from models.alpmodule import (
     FG_GLOBAL_RULE_WINDOW,
+    MULTISHOT_RULES,
     THRESH,
     EmptyMaskError,
+    MultiShotRule,
     Prototypes,
     compute_prototypes,
     resize_mask,
@@ -96,10 +98,14 @@ class FewShotSeg(nn.Module):
             term for that episode (default; the support FG cannot be scored against a non-existent FG prototype),
             ``zero_prototype`` keeps it with the original's all-zero FG prototype (S_fg = 0 everywhere, parity).
         build_unused_aspp: Build the original's unused ASPP modules (663-key state dict, Q7).
+        multishot_proto: Foreground global prototypes with several support shots (SPEC 8.8): ``per_shot`` (the
+            original's rule, default) or ``pooled``; see :func:`models.alpmodule.compute_prototypes`.
 
     Attributes:
         encoder: :class:`models.backbone.Encoder`.
         train_window: ALP window in training mode and in the alignment loss.
+        allow_empty_support: Accept an empty support foreground (all-zero FG prototype) instead of raising
+            :class:`EmptyMaskError`; set by ``training.py`` for ``episode_sampling="legacy"`` only.
     """
 
     def __init__(
@@ -115,6 +121,7 @@ class FewShotSeg(nn.Module):
         use_align: bool = True,
         align_empty_fg: AlignEmptyFG = "skip",
         build_unused_aspp: bool = False,
+        multishot_proto: MultiShotRule = "per_shot",
     ) -> None:
         super().__init__()
         windows = {int(side) // int(proto_grid_size) for side in feature_hw}
@@ -129,6 +136,12 @@ class FewShotSeg(nn.Module):
         self.fg_global_rule_window = int(fg_global_rule_window)
         self.use_align = bool(use_align)
         self.align_empty_fg = align_empty_fg
+        if multishot_proto not in MULTISHOT_RULES:
+            raise ValueError(f"multishot_proto must be one of {MULTISHOT_RULES}, got {multishot_proto!r}")
+        self.multishot_proto = multishot_proto
+        # True only for episode_sampling="legacy" (Q2 parity): an empty support foreground is scored against the
+        # all-zero FG prototype (S_fg = 0 everywhere) and trained on, as the original does, instead of raising.
+        self.allow_empty_support = False
 
     # ------------------------------------------------------------------------------------------- building blocks
 
@@ -163,7 +176,7 @@ class FewShotSeg(nn.Module):
         supp_bg: torch.Tensor,
         window: int | None = None,
     ) -> EpisodePrototypes:
-        """BG and FG prototypes of one support set (all shots pooled together).
+        """BG and FG prototypes of one support set (several shots combined by ``multishot_proto``).
 
         Args:
             supp_feats: (S, C, h, w) support features from :meth:`encode`.
@@ -182,7 +195,7 @@ class FewShotSeg(nn.Module):
                 f"support masks (S, H, W) fg {tuple(supp_fg.shape)} / bg {tuple(supp_bg.shape)} do not match "
                 f"features (S, C, h, w) {tuple(supp_feats.shape)}"
             )
-        if not bool((supp_fg > 0).any()):
+        if not self.allow_empty_support and not bool((supp_fg > 0).any()):
             raise EmptyMaskError(f"support foreground mask is empty (all {supp_fg.shape[0]} shot(s))")
         win = self.current_window(window)
         size = tuple(supp_feats.shape[-2:])
@@ -192,7 +205,7 @@ class FewShotSeg(nn.Module):
         # A foreground that is non-empty at image size but vanishes in the bilinear downsampling (a few border
         # pixels) gives the original's all-zero prototype (S_fg = 0) rather than an error.
         fg = compute_prototypes(supp_feats, fg_small, win, "gridconv+", self.thresh, self.fg_global_rule_window,
-                                allow_empty=True)
+                                allow_empty=True, multishot=self.multishot_proto)
         return EpisodePrototypes(bg=bg, fg=fg, window=win)
 
     @staticmethod
@@ -256,7 +269,8 @@ class FewShotSeg(nn.Module):
         win = self.train_window
         bg = compute_prototypes(qry_feats, qry_bg, win, "gridconv", self.thresh, self.fg_global_rule_window)
         fg = compute_prototypes(
-            qry_feats, qry_fg, win, "gridconv+", self.thresh, self.fg_global_rule_window, allow_empty=True
+            qry_feats, qry_fg, win, "gridconv+", self.thresh, self.fg_global_rule_window, allow_empty=True,
+            multishot=self.multishot_proto,
         )
         protos = EpisodePrototypes(bg=bg, fg=fg, window=win)
         supp_logits = self.segment_with_prototypes(supp_feats, protos, tuple(supp_fg.shape[-2:]))
@@ -313,7 +327,7 @@ class FewShotSeg(nn.Module):
         out = FewShotOutput(logits=feats.new_zeros(0), align_loss=feats.new_zeros(()))
         logits, align_terms = [], []
         for b in range(n_ep):
-            if not bool((supp_fg[b] > 0).any()):
+            if not self.allow_empty_support and not bool((supp_fg[b] > 0).any()):
                 raise EmptyMaskError(f"episode {b} of {n_ep}: support foreground mask is empty")
             protos = self.prototypes_from_support(supp_feats[b], supp_fg[b], supp_bg[b], window)
             out.fg_modes.append(protos.fg.mode)

@@ -200,3 +200,88 @@ def test_bad_shapes_and_windows_raise(toy):
         local_prototypes(feats, fg, 5)
     with pytest.raises(ValueError, match="unknown prototype mode"):
         compute_prototypes(feats, fg, 2, "grid")  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------ several shots (SPEC 8.8)
+@pytest.fixture
+def two_shots() -> tuple[torch.Tensor, torch.Tensor]:
+    """Two shots of C=2 features on a 2x2 map; with window 2 each shot has one window (the whole map).
+
+    shot  features (ch0 | ch1)        FG mask      local (mean FG > 0.95)   sum(F M)   sum(M)
+    1     [2 2;2 2] | [0 0;0 0]       [1 1;1 1]    (2, 0)                   (8, 0)     4
+    2     [0 0;0 4] | [0 0;0 4]       [0 0;0 1]    none (0.25)              (4, 4)     1
+
+    per-shot globals p1 = (8, 0)/4.00001, p2 = (4, 4)/1.00001; pooled global (12, 4)/5.00001.
+    """
+    f1 = [[[2, 2], [2, 2]], [[0, 0], [0, 0]]]
+    f2 = [[[0, 0], [0, 4]], [[0, 0], [0, 4]]]
+    m1 = [[[1, 1], [1, 1]]]
+    m2 = [[[0, 0], [0, 1]]]
+    return _t([f1, f2]), _t([m1, m2])
+
+
+def _grid_score(cosines: list[float]) -> float:
+    """sum_k softmax_k(d) d_k with d_k = 20 cos_k, worked out with math (independent of the module)."""
+    d = [20 * c for c in cosines]
+    z = sum(math.exp(x) for x in d)
+    return sum(math.exp(x) / z * x for x in d)
+
+
+def test_two_shot_per_shot_rule_by_hand(two_shots):
+    feats, fg = two_shots
+    p1, p2 = [8 / (4 + 1e-5), 0.0], [4 / (1 + 1e-5), 4 / (1 + 1e-5)]
+    plus = compute_prototypes(feats, fg, 2, "gridconv+", fg_global_rule_window=2)  # rule: shot 1 is 100 % FG
+    assert (plus.mode, plus.n_local) == ("gridconv+", 1)
+    torch.testing.assert_close(plus.vectors, _t([[2, 0], p1, p2]))  # locals of all shots, then one global per shot
+    masked = compute_prototypes(feats, fg, 2, "mask")
+    torch.testing.assert_close(masked.vectors, _t([[(p1[0] + p2[0]) / 2, (p1[1] + p2[1]) / 2]]))  # mean of p1, p2
+    # query pixels (1, 0) and (0, 1): cosines with (2, 0), p1, p2 are (1, 1, 1/sqrt2) and (0, 0, 1/sqrt2)
+    query = _t([[[[1, 0]], [[0, 1]]]])  # (1, 2, 1, 2)
+    r = 1 / math.sqrt(2)
+    expected = _t([[[_grid_score([1, 1, r]), _grid_score([0, 0, r])]]])
+    torch.testing.assert_close(score(query, plus), expected, rtol=1e-5, atol=1e-5)
+    # mask mode: the mean prototype ~ (3, 2), cosines 3/sqrt13 and 2/sqrt13
+    torch.testing.assert_close(score(query, masked), _t([[[20 * 3 / math.sqrt(13), 20 * 2 / math.sqrt(13)]]]),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_two_shot_pooled_rule_by_hand(two_shots):
+    feats, fg = two_shots
+    pooled = [12 / (5 + 1e-5), 4 / (5 + 1e-5)]
+    plus = compute_prototypes(feats, fg, 2, "gridconv+", fg_global_rule_window=2, multishot="pooled")
+    assert (plus.mode, plus.n_local) == ("gridconv+", 1)
+    torch.testing.assert_close(plus.vectors, _t([[2, 0], pooled]))
+    masked = compute_prototypes(feats, fg, 2, "mask", multishot="pooled")
+    torch.testing.assert_close(masked.vectors, _t([pooled]))
+    # cosines of (1, 0) and (0, 1) with (12, 4): 3/sqrt10 and 1/sqrt10
+    query = _t([[[[1, 0]], [[0, 1]]]])
+    c, s = 3 / math.sqrt(10), 1 / math.sqrt(10)
+    torch.testing.assert_close(score(query, plus), _t([[[_grid_score([1, c]), _grid_score([0, s])]]]),
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(score(query, masked), _t([[[20 * c, 20 * s]]]), rtol=1e-5, atol=1e-5)
+    # the two rules differ on this example (0.74 of score on random features in the issue; here by hand)
+    per_shot = compute_prototypes(feats, fg, 2, "mask")
+    assert float((score(query, per_shot) - score(query, masked)).abs().max()) > 1.0
+
+
+def test_one_shot_rules_identical():
+    gen = torch.Generator().manual_seed(0)
+    feats = torch.randn(1, 4, 8, 8, generator=gen)
+    mask = (torch.rand(1, 1, 8, 8, generator=gen) > 0.3).float()
+    mask[..., :4, :4] = 1
+    for mode in ("gridconv", "gridconv+", "mask"):
+        a = compute_prototypes(feats, mask, 2, mode, multishot="per_shot")
+        b = compute_prototypes(feats, mask, 2, mode, multishot="pooled")
+        assert (a.mode, a.n_local) == (b.mode, b.n_local)
+        assert torch.equal(a.vectors, b.vectors)
+    with pytest.raises(ValueError, match="multishot"):
+        compute_prototypes(feats, mask, 2, "mask", multishot="average")  # type: ignore[arg-type]
+
+
+def test_background_locals_collected_over_shots(two_shots):
+    feats, fg = two_shots
+    for rule in ("per_shot", "pooled"):
+        bg = compute_prototypes(feats, 1 - fg, 1, "gridconv", multishot=rule)
+        # window 1: BG pixels are the 3 of shot 2 with features (0, 0); shot 1 has none
+        assert (bg.mode, bg.n_local) == ("gridconv", 3)
+        torch.testing.assert_close(bg.vectors, torch.zeros(3, 2))

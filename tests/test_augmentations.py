@@ -151,3 +151,82 @@ def test_flips_when_enabled() -> None:
     with pytest.raises(ValueError, match="square"):
         A.augment(image[:, :40], label[:, :40], replace(A.IDENTITY, transpose=True, flip_p=1.0),
                   np.random.default_rng(0))
+
+
+# ------------------------------------------------------------------ parity with the original's arithmetic (SPEC 5.3)
+def _original_sabs_aug(image: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """``sabs_aug`` written from the original's formulas, in its own layout: an (H, W, 3) float32 stack warped at
+    once, cv2 rotation/zoom centre (H/2, W//2), the float64 product of the matrices rounded to float32, warpAffine
+    flag 3, fields dx (1st draw, columns) and dy (2nd draw, rows) rounded to float32, 3-D map_coordinates with the
+    channel coordinate, rint + argmax, gamma lo + r ((x - lo + 1e-5) / r) ** g with r = hi - lo + 1e-5 in float32
+    (NumPy 1.x promotion). Same draw order as :func:`A.augment`."""
+    import cv2
+    from scipy.ndimage import map_coordinates
+
+    h, w = image.shape
+    comp = np.stack([image, label == 0, label == 1], axis=-1).astype(np.float32)
+    rot, tx, ty = rng.uniform(-5, 5), rng.uniform(-5, 5), rng.uniform(-5, 5)
+    shear, zoom = rng.uniform(-5, 5), rng.uniform(0.9, 1.2)
+    t = np.pi * shear / 180
+    mats = [np.vstack([cv2.getRotationMatrix2D((h / 2, w // 2), rot, 1), [0, 0, 1]]),
+            np.array([[1, 0, tx], [0, 1, ty], [0, 0, 1]]),
+            np.array([[1, -np.sin(t), 0], [0, np.cos(t), 0], [0, 0, 1]]),
+            np.vstack([cv2.getRotationMatrix2D((h / 2, w // 2), 0, zoom), [0, 0, 1]])]
+    final = np.eye(3)
+    for m in mats:
+        final = np.dot(m, final)
+    comp = cv2.warpAffine(comp, final.astype(np.float32)[:2], (w, h), flags=3, borderMode=cv2.BORDER_CONSTANT)
+    dx = (cv2.GaussianBlur(rng.uniform(-1, 1, size=(h, w)), (21, 21), 5) * 10).astype(np.float32)
+    dy = (cv2.GaussianBlur(rng.uniform(-1, 1, size=(h, w)), (21, 21), 5) * 10).astype(np.float32)
+    rows, cols, chans = np.meshgrid(np.arange(h), np.arange(w), np.arange(3), indexing="ij")
+    idx = [(rows + dy[..., None]).reshape(-1, 1), (cols + dx[..., None]).reshape(-1, 1), chans.reshape(-1, 1)]
+    comp = map_coordinates(comp, idx, order=1, mode="reflect").reshape(h, w, 3)
+    lab = np.argmax(np.rint(comp[..., 1:]), axis=-1)
+    img = comp[..., 0]
+    g = rng.uniform(0.5, 1.5)
+    lo = img.min()
+    r = np.float32(float(img.max() - lo) + 1e-5)
+    img = r * np.power((img - lo + np.float32(1e-5)) * np.float32(1.0) / r, np.float32(g)) + lo
+    return img, lab
+
+
+def test_parity_is_bit_identical_to_the_original_formulas() -> None:
+    image, label = _slice(40, 40)
+    for seed in range(3):
+        got_img, got_lab = A.augment(image, label, replace(A.SABS_AUG, parity=True), np.random.default_rng(seed))
+        ref_img, ref_lab = _original_sabs_aug(image, label, np.random.default_rng(seed))
+        assert got_img.dtype == np.float32 and np.array_equal(got_img, ref_img)
+        assert np.array_equal(got_lab, ref_lab)
+        # the default (pixel-grid centre, float64, no 1e-5) is a different function of the same draws
+        def_img, _ = A.augment(image, label, A.SABS_AUG, np.random.default_rng(seed))
+        assert np.abs(def_img - ref_img).max() > 1e-3
+
+
+def test_parity_affine_centre_and_float32_by_hand() -> None:
+    # rotation by 90 deg on a 4x4 image: M = [[c, s, (1 - c) cx - s cy], [-s, c, s cx + (1 - c) cy]], c = 0, s = 1
+    default = A.affine_matrix((4, 4), 90.0, 0.0, 0.0, 0.0, 1.0)
+    parity = A.affine_matrix((4, 4), 90.0, 0.0, 0.0, 0.0, 1.0, parity=True)
+    np.testing.assert_allclose(default, [[0, 1, 0], [-1, 0, 3]], atol=1e-12)  # centre (1.5, 1.5)
+    np.testing.assert_allclose(parity, [[0, 1, 0], [-1, 0, 4]], atol=1e-7)  # centre (H/2, W//2) = (2, 2)
+    assert default.dtype == np.float64 and parity.dtype == np.float32
+    # non-square: the original's centre is x = H/2, y = W//2 (its arguments in that order): H=6, W=5 -> (3, 2)
+    zoom = A.affine_matrix((6, 5), 0.0, 0.0, 0.0, 0.0, 2.0, parity=True)
+    np.testing.assert_allclose(zoom, [[2, 0, -3], [0, 2, -2]], atol=1e-6)  # (1 - 2) * (3, 2)
+
+
+def test_parity_gamma_and_elastic_fields_by_hand() -> None:
+    img = np.array([[0.0, 1.0], [3.0, 4.0]], np.float32)
+    # r = 4 + 1e-5; out = r ((x + 1e-5) / r) ** 2: x = 0 -> 1e-10 / r, x = 4 -> r
+    out = A.gamma_transform_parity(img, 2.0)
+    r = np.float32(4 + 1e-5)
+    expected = np.array([[1e-10 / 4, (1 + 1e-5) ** 2 / r], [(3 + 1e-5) ** 2 / r, r]])
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-12)
+    assert out[1, 1] == r and out[0, 0] > 0  # the max moves up by 1e-5, the min to ~2.5e-11
+    np.testing.assert_array_equal(A.gamma_transform(img, 2.0), [[0, 0.25], [2.25, 4]])
+    # fields: the same two draws, swapped and rounded to float32 under parity
+    d_row, d_col = A.elastic_field((24, 24), 10.0, 5.0, 21, np.random.default_rng(3))
+    p_row, p_col = A.elastic_field((24, 24), 10.0, 5.0, 21, np.random.default_rng(3), parity=True)
+    assert p_row.dtype == p_col.dtype == np.float32 and d_row.dtype == np.float64
+    np.testing.assert_array_equal(p_col, d_row.astype(np.float32))
+    np.testing.assert_array_equal(p_row, d_col.astype(np.float32))

@@ -232,3 +232,17 @@ def test_bad_inputs_raise():
     protos = model.prototypes_from_support(torch.rand(1, 3, 8, 8), tiny, 1 - tiny)
     assert protos.fg.mode == "mask" and torch.count_nonzero(protos.fg.vectors) == 0  # the original's zero prototype
     assert torch.count_nonzero(model.score_small(torch.rand(2, 3, 8, 8), protos)[:, 1]) == 0
+
+
+def test_multishot_rule_reaches_the_prototypes():
+    feats = torch.rand(2, 3, 8, 8)
+    fg = torch.zeros(2, H, W)
+    fg[:, :32, :32] = 1
+    per_shot = _pool_model().eval().prototypes_from_support(feats, fg, 1 - fg)
+    pooled = _pool_model(multishot_proto="pooled").eval().prototypes_from_support(feats, fg, 1 - fg)
+    # eval window 2: 4 FG windows per shot (the 4x4 FG corner of the 8x8 map) x 2 shots, + 2 per-shot globals or 1
+    assert (per_shot.fg.n_local, per_shot.fg.vectors.shape[0]) == (8, 10)
+    assert (pooled.fg.n_local, pooled.fg.vectors.shape[0]) == (8, 9)
+    torch.testing.assert_close(per_shot.fg.vectors[:8], pooled.fg.vectors[:8])
+    with pytest.raises(ValueError, match="multishot_proto"):
+        FewShotSeg("lite_gn", init="none", multishot_proto="mean")  # type: ignore[arg-type]

@@ -27,12 +27,13 @@ RESUME_MUST_MATCH = (
     "dataset", "eval_fold", "label_sets", "setting", "exclude_cls_list", "exclusion_rule", "seed", "batch_size",
     "n_queries", "episode_sampling", "which_aug", "border_fill", "input_size", "superpix_scale", "min_fg_data",
     "modelname", "clsname", "proto_grid_size", "feature_hw", "usealign", "use_wce", "ignore_label", "optim_type",
-    "optim", "lr_step_gamma", "build_unused_aspp",
+    "optim", "lr_step_gamma", "build_unused_aspp", "wce_bg_weight", "lr_schedule", "aug_parity", "val_scans",
 )
 # Keys that may differ silently (where and how the run executes, not what it computes).
 RESUME_MAY_DIFFER = (
     "run_dir", "path", "resume", "resume_from", "device", "gpu_id", "num_workers", "print_interval",
     "save_snapshot_every", "use_file_observer", "exp_prefix", "data_dir", "reload_model_path", "max_nonfinite_steps",
+    "tensorboard", "multishot_proto",  # logging; a test-time rule (training episodes have one shot)
 )
 LOSS_KEYS = ("loss", "query_loss", "align_loss")
 _LOCKS: dict[str, Any] = {}  # run folders this process has claimed (kept open for the life of the process)

@@ -3,8 +3,10 @@ folds, with the standard deviation over folds, per dataset and setting.
 
     python -m util.summarize runs/ [--out runs/summary] [--baseline]
 
-Writes ``<out>.md`` and ``<out>.json``. Label groups of one fold are merged (group 0 gives the kidneys, group 1
-liver and spleen); an organ found twice for the same fold/setting (e.g. an evaluation run twice) is an error.
+Writes ``<out>.md``, ``<out>.json`` and one figure per dataset, ``<out>_<dataset>.png`` (per-organ Dice over folds
+with the published SSL-ALPNet values marked, :mod:`util.summary_figure`). Label groups of one fold are merged
+(group 0 gives the kidneys, group 1 liver and spleen); an organ found twice for the same fold/setting (e.g. an
+evaluation run twice) is an error.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from dataloaders.niftiio import write_json
+from util.options import OptionParser, existing_dir
+from util.summary_figure import write_figures
 
 
 class SummaryError(ValueError):
@@ -102,8 +106,9 @@ def to_markdown(summary: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", type=Path, help="folder searched recursively for results.json")
+    parser = OptionParser(prog="python -m util.summarize", description=__doc__,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", type=existing_dir, help="folder searched recursively for results.json")
     parser.add_argument("--out", type=Path, default=None, help="output prefix (default <runs>/summary)")
     parser.add_argument("--baseline", action="store_true", help="summarise the intensity baseline instead")
     args = parser.parse_args(argv)
@@ -114,10 +119,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = args.out or args.runs / "summary"
     md = to_markdown(summary)
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text(md)
     write_json(summary, out.with_suffix(".json"))
+    figures = write_figures(summary, out)
     print(md)
-    print(f"written: {out.with_suffix('.md')} and {out.with_suffix('.json')}")
+    print(f"written: {out.with_suffix('.md')}, {out.with_suffix('.json')}, " + ", ".join(str(p) for p in figures))
     return 0
 
 
