@@ -55,10 +55,12 @@ def cfg():
     dataset = "CHAOST2"  # registry name (CHAOST2, SABS, CMR/C0, PHANTOM) or a dataset description file
     data_dir = str(get_dataset_info(dataset).data_dir)  # processed files (SPEC 2); fails here for an unknown dataset
     superpix_scale = "MIDDLE"
-    min_fg_data = 1  # class-slice index classmap_<min_fg_data>.json (the original's '100' was a bug, Q10)
-    input_size = (256, 256)
+    superpix_dim = 2  # 2: per-slice superpixels (the original); 3: 3D supervoxels, support/query on neighbouring slices
+    min_fg_data = 1  # class map classmap_<min_fg_data>.json (the original's '100' was a bug, Q10); 1 in setting 2
+    input_size = (256, 256)  # encoder input; other slice sizes are resized for the network only (docs/reliability.md)
     which_aug = "sabs_aug"  # "sabs_aug" | "aug_v3" | "none"
     border_fill = "zero_normalised"  # affine border value: "zero_normalised" (original, Q17) | "min"
+    aug_parity = False  # True: the original's augmentation arithmetic, bit-identical for the same draws (SPEC 5.3)
     episode_sampling = "compact"  # "compact" (eligible slices, non-empty ids) | "legacy" (Q2/Q3 parity)
     exclusion_rule = "any"  # setting-2 exclusion: "any" (leak-free) | "all" (leaky lineage variant, Q8)
 
@@ -72,8 +74,9 @@ def cfg():
     n_shots = 1  # support scans
     n_queries = 1
     n_sup_part = 3  # support slices per scan ("1-shot" = 3 slices, Q26); 1 = strict single slice
+    multishot_proto = "per_shot"  # FG global prototypes with n_shots > 1: "per_shot" (original, SPEC 8.8) | "pooled"
     task = {"n_ways": n_ways, "n_shots": n_shots, "n_queries": n_queries, "npart": n_sup_part}
-    protocol = "ep1_alp"  # evaluation protocol of SPEC 8.5
+    protocol = "ep1_alp"  # "ep1_alp" (SPEC 8.5, GT z-range) or "ep2" (whole volume, no GT localisation, SPEC 8.6)
     z_margin = 0
     val_wsize = 2  # ALP window at test time (feature pixels)
     eval_classes = None  # override the classes to evaluate, e.g. [1, 2, 3, 4]; default: the group's test classes
@@ -90,7 +93,8 @@ def cfg():
     proto_grid_size = 8  # training ALP window = feature_hw / proto_grid_size = 4
     feature_hw = [32, 32]
     usealign = True  # prototype-alignment loss (SPEC 6.3)
-    use_wce = True  # CE weights [0.05, 1.0]
+    use_wce = True  # CE weights [wce_bg_weight, 1.0]
+    wce_bg_weight = 0.05  # background weight of the query CE (the paper's 0.05)
     build_unused_aspp = False  # Q7 parity export of the unused ASPP keys
 
     # ---------------------------------------------------------------- optimisation (SPEC 7)
@@ -99,11 +103,14 @@ def cfg():
     n_steps = 100000  # optimiser steps (the original's 100100 loop gave ~100k, Q12)
     lr_step_gamma = 0.95
     lr_milestones = [(i + 1) * 1000 for i in range(n_steps // 1000 - 1)]
+    lr_schedule = "step"  # "step" (paper: MultiStepLR) | "cosine" | "poly" (util/lr_schedule.py)
     batch_size = 1  # episodes per step, each with its own prototypes
     ignore_label = 255
     save_snapshot_every = 25000
     print_interval = 100
     max_nonfinite_steps = 10  # abort after this many consecutive non-finite losses
+    val_scans = []  # scan ids held out of training, scored (EP1-ALP) at every snapshot -> val_history.json; [] = off
+    tensorboard = False  # also log loss terms, lr and validation Dice to <run folder>/tensorboard (SummaryWriter)
     resume = False  # continue from the latest snapshot in run_dir (needs run_dir; starts fresh if it has none)
     resume_from = None  # or continue from this checkpoint file or run folder (its latest snapshot)
     amp = "off"  # "off" | "bf16" | "fp16" (mixed precision; off = the paper's fp32)

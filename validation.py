@@ -1,4 +1,5 @@
-"""Few-shot evaluation with the standard protocol (EP1-ALP, SPEC 8.5): one checkpoint, one fold, one label group.
+"""Few-shot evaluation, one checkpoint, one fold, one label group: EP1-ALP (SPEC 8.5, the default) or EP2
+(``protocol=ep2``: the whole query volume, no ground-truth localisation, SPEC 8.6 and ``util.protocol``).
 
     python validation.py with CHAOST2 setting2 label_sets=0 eval_fold=0 reload_model_path=<run>/snapshots/100000.pth
     python validation.py with demo run_dir=runs/demo reload_model_path=runs/demo/snapshots/1500.pth baseline=True
@@ -11,6 +12,7 @@ mean_dice, per_scan, checkpoint, elapsed_s, protocol details), the predicted vol
 from __future__ import annotations
 
 import math
+import shlex
 import shutil
 import sys
 import time
@@ -21,18 +23,38 @@ import numpy as np
 
 from config_ssl_upload import ex
 from dataloaders import niftiio
+from dataloaders.derived import (
+    check_checkpoint_matches_folder,
+    check_classmap_file,
+    check_made_from,
+    image_fingerprint,
+    pseudolabel_command,
+)
 from dataloaders.manual_anno_dataset import load_annotated_scans
 from dataloaders.normalization import Normalizer, normalizer_from_scans
 from models.weights import StateDictMismatchError, load_original_checkpoint
 from util.checkpoint import load_checkpoint, state_dict_mismatch
 from util.cli import run_cli
 from util.inference import FastPredictor
-from util.protocol import evaluate_fold
+from util.leakage import leak_free_for
+from util.protocol import evaluate_fold, evaluate_fold_ep2
 from util.run_setup import ConfigError, build_model, resolve_device, resolve_fold, resolve_run_dir
 from util.seeding import seed_everything, set_deterministic
+from util.val_monitor import without_val_scans
 
 # Keys that must agree between the training run stored in a checkpoint and this evaluation.
 _ARCH_KEYS = ("modelname", "proto_grid_size", "feature_hw")
+
+
+def shell_update(key: str, value: Any) -> str:
+    """``key=value`` as one shell word that Sacred parses back to ``value`` (lists without spaces, quoted)."""
+    if isinstance(value, (list, tuple)):
+        text = "[" + ",".join(repr(v) for v in value) + "]"
+    elif isinstance(value, str) and value.isidentifier():
+        text = value  # Sacred reads a bare word as a string
+    else:
+        text = repr(value)
+    return shlex.quote(f"{key}={text}")
 
 
 def check_checkpoint_config(stored: dict[str, Any] | None, config: dict[str, Any], path: str, log,
@@ -49,7 +71,7 @@ def check_checkpoint_config(stored: dict[str, Any] | None, config: dict[str, Any
     for key in _ARCH_KEYS:
         if key in stored and stored[key] != config[key]:
             raise ConfigError(f"{path} was trained with {key}={stored[key]!r} but this run has "
-                              f"{key}={config[key]!r}; pass with {key}={stored[key]!r}"
+                              f"{key}={config[key]!r}; add {shell_update(key, stored[key])} after 'with'"
                               + (f"\n{mismatch}" if mismatch else ""))
     for key in ("dataset", "eval_fold", "setting", "label_sets"):
         if key in stored and stored[key] != config[key]:
@@ -86,6 +108,35 @@ def write_predictions(predictions: dict[tuple[int, int], np.ndarray], geometry: 
         shutil.rmtree(old)
 
 
+def load_body_masks(data_dir: str | Path, info: Any, scan_ids: list[int]) -> dict[int, np.ndarray]:
+    """Body masks for EP2 (only their z-extent is used): ``fgmask_<id>.nii.gz``, or, for a scan without one, the
+    raw image thresholded at the dataset's ``body_threshold``; on the image's own grid, like the images.
+
+    Returns:
+        {scan id: (Z, H, W) bool}, the shape of ``image_<id>.nii.gz``.
+
+    Raises:
+        niftiio.DataFormatError: a file is corrupt, a mask is on another grid than its image, or was made from
+            another version of it (``dataloaders.derived``).
+    """
+    out: dict[int, np.ndarray] = {}
+    for sid in scan_ids:
+        path = niftiio.fgmask_path(data_dir, sid)
+        if path.is_file():
+            mask, _ = niftiio.read_label_volume(path)
+            image, geom = niftiio.read_volume(niftiio.image_path(data_dir, sid))
+            if mask.shape != image.shape:
+                raise niftiio.DataFormatError(f"{path}: shape {mask.shape} != image shape {image.shape}")
+            check_made_from(path, niftiio.image_path(data_dir, sid), image_fingerprint(image, geom),
+                            pseudolabel_command(data_dir, info, [sid]))  # not from an older image
+            mask = mask > 0
+        else:
+            image, _ = niftiio.read_volume(niftiio.image_path(data_dir, sid))
+            mask = image > info.body_threshold
+        out[sid] = mask
+    return out
+
+
 def format_table(result: dict[str, Any], class_names: dict[int, str], baseline: dict[str, Any] | None) -> str:
     """A Markdown table of Dice per class (ALPNet, and the baseline when given)."""
     def pct(x: float | None) -> str:
@@ -110,14 +161,17 @@ def validate(_run, _config: dict, _log, seed: int, reload_model_path: str | None
     set_deterministic(deterministic)
     device = resolve_device(_config)
     run_dir = resolve_run_dir(_run, _config)
-    if protocol != "ep1_alp":
-        raise ConfigError(f"protocol={protocol!r}: only 'ep1_alp' (SPEC 8.5) is implemented")
+    if protocol not in ("ep1_alp", "ep2"):
+        raise ConfigError(f"protocol={protocol!r}: choose 'ep1_alp' (SPEC 8.5) or 'ep2' (whole volume, SPEC 8.6)")
     if not reload_model_path:
         raise ConfigError("reload_model_path is not set: pass the checkpoint to evaluate, "
                           "e.g. reload_model_path=runs/.../snapshots/100000.pth")
 
     # ------------------------------------------------------------------ fold and classes
     info, fold = resolve_fold(_config)
+    if not fold.queries:
+        raise ConfigError(f"{info.name} fold {fold.index} holds no query scan (a training-only fold: fewer than two "
+                          f"labelled scans): nothing to evaluate; segment new scans with predict.py instead")
     classes = list(eval_classes) if eval_classes else info.test_classes(label_sets)
     unknown = [c for c in classes if c not in info.eval_classes]
     if unknown:
@@ -133,34 +187,47 @@ def validate(_run, _config: dict, _log, seed: int, reload_model_path: str | None
         raise StateDictMismatchError(mismatch)
     load_original_checkpoint(model, ckpt["model"])
     model.eval()
+    trained_exclusion = ckpt.get("exclusion")  # util.leakage record; None for checkpoints without one
 
     # ------------------------------------------------------------------ scans
+    fold = without_val_scans(fold, (ckpt.get("config") or {}).get("val_scans"))  # not trained on either
+    check_checkpoint_matches_folder(ckpt, reload_model_path, fold, _config, info)  # fold and CT normaliser
     if ckpt.get("normalizer"):
         normalizer = Normalizer.from_dict(ckpt["normalizer"])
     else:  # a plain state dict: recompute CT statistics from the fold's training scans (Q16)
         normalizer = normalizer_from_scans(_config["data_dir"], info.modality, list(fold.train))
     scan_ids = list(dict.fromkeys(fold.queries + fold.support))
-    scans = load_annotated_scans(_config["data_dir"], info, scan_ids, normalizer,
-                                 input_size=int(_config["input_size"][0]))
+    # on the images' own grid: the predictor resizes slices to input_size for the encoder only (util.inference)
+    scans = load_annotated_scans(_config["data_dir"], info, scan_ids, normalizer)
     images, labels, geometry = scans.images, scans.labels, scans.geometry
+    check_classmap_file(_config["data_dir"], info, labels, _config["min_fg_data"])
     for sid in fold.support:
         present = [c for c in classes if not np.any(labels[sid] == c)]
         if present:
             raise ConfigError(f"support scan {sid} of fold {fold.index} holds no pixel of classes "
                               f"{[info.labels[c] for c in present]}; choose another support_idx")
 
-    predictor = FastPredictor(model, device, window=val_wsize, batch_size=eval_batch_size)
+    predictor = FastPredictor(model, device, window=val_wsize, batch_size=eval_batch_size,
+                              input_size=int(_config["input_size"][0]))
 
     # ------------------------------------------------------------------ evaluate
-    fold_result = evaluate_fold(predictor, images, labels, list(fold.support), list(fold.queries), classes,
-                                n_part=n_sup_part, z_margin=z_margin, class_names=info.labels)
+    bodies = load_body_masks(_config["data_dir"], info, scan_ids) \
+        if protocol == "ep2" else {}
+
+    def run_protocol(predict):  # the same protocol for ALPNet and the baseline
+        if protocol == "ep2":
+            return evaluate_fold_ep2(predict, images, labels, bodies, list(fold.support), list(fold.queries),
+                                     classes, n_part=n_sup_part, class_names=info.labels)
+        return evaluate_fold(predict, images, labels, list(fold.support), list(fold.queries), classes,
+                             n_part=n_sup_part, z_margin=z_margin, class_names=info.labels)
+
+    fold_result = run_protocol(predictor)
     result = fold_result.to_json_dict()
     baseline_result = None
     if baseline:
         from models.intensity_baseline import IntensityBaseline
 
-        base = evaluate_fold(IntensityBaseline(), images, labels, list(fold.support), list(fold.queries), classes,
-                             n_part=n_sup_part, z_margin=z_margin, class_names=info.labels)
+        base = run_protocol(IntensityBaseline())
         baseline_result = base.to_json_dict()
 
     for sid, c in fold_result.skipped:
@@ -181,9 +248,16 @@ def validate(_run, _config: dict, _log, seed: int, reload_model_path: str | None
         **result,
         "class_names": {str(c): info.labels[c] for c in classes},
         "checkpoint": str(reload_model_path), "checkpoint_step": ckpt.get("step"),
-        "protocol": protocol, "exclusion_rule": _config["exclusion_rule"],
-        "exclude_cls_list": list(_config["exclude_cls_list"]), "n_part": n_sup_part, "z_margin": z_margin,
+        "protocol": protocol,
+        # what training really excluded, from the checkpoint's record (computed from the label files); the
+        # config's values only for a checkpoint without one (a plain state dict)
+        "exclusion_rule": trained_exclusion["exclusion_rule"] if trained_exclusion else _config["exclusion_rule"],
+        "exclude_cls_list": trained_exclusion["excluded_classes"] if trained_exclusion
+        else list(_config["exclude_cls_list"]),
+        "training_exclusion": trained_exclusion, "leak_free": leak_free_for(trained_exclusion, classes, info),
+        "n_part": n_sup_part, "z_margin": z_margin,
         "val_wsize": val_wsize, "support_scans": list(fold.support), "query_scans": list(fold.queries),
+        "multishot_proto": _config["multishot_proto"],  # how several support scans combine (SPEC 8.8)
         "seed": seed, "modelname": _config["modelname"], "device": str(device),
         "elapsed_s": round(time.perf_counter() - t_start, 2),
     }

@@ -18,7 +18,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 # Modules the fork server imports once, so that each measurement process starts in milliseconds.
-_PRELOAD = ["torch", "bench.suite", "training", "util.inference", "data_preprocessing.pseudolabel",
+_PRELOAD = ["torch", "bench.suite", "bench.loop", "training", "util.inference", "data_preprocessing.pseudolabel",
             "dataloaders.superpixel_dataset"]
 
 

@@ -45,6 +45,18 @@ def format_table(res: dict[str, Any]) -> str:
             key = f"train_step.{name}.{option}"
             batch = res.get("measurements", {}).get(key, {}).get("batch_size", 1)
             rows.append(_row([f"train step, {name}, {option}", _step(seconds, batch)] + _mem(res, key, cuda)))
+    for workers, rate in res.get("loop_steps_per_s", {}).items():
+        m = res.get("measurements", {}).get(f"loop.workers={workers}", {})
+        rows.append(_row([f"training loop overhead (one-layer encoder, {m.get('input_size', 64)}x"
+                          f"{m.get('input_size', 64)}, {workers} DataLoader workers)",
+                          f"{rate:.1f} steps/s ({m.get('steps_per_cpu_s', float('nan')):.1f} per CPU-second)"]
+                         + _mem(res, f"loop.workers={workers}", cuda)))
+    if "train_step_ratio_legacy_vs_new" in res:
+        m = res["measurements"]["train_step.paper.legacy_vs_new"]
+        rows.append(_row([f"train step, paper, before issue 12 vs now ({m['backbone']}, amp off, alternated)",
+                          f"{m['legacy_s']:.3f} s vs {m['new_s']:.3f} s: {res['train_step_ratio_legacy_vs_new']:.2f}x "
+                          f"(CPU time: {m.get('cpu_ratio', float('nan')):.2f}x)"]
+                         + _mem(res, "train_step.paper.legacy_vs_new", cuda)))
     for workers, rate in res.get("episodes_per_s", {}).items():
         rows.append(_row([f"episode pipeline alone, {workers} DataLoader workers", f"{rate:.1f} episodes/s"]
                          + _mem(res, f"pipeline.workers={workers}", cuda)))
@@ -59,6 +71,13 @@ def format_table(res: dict[str, Any]) -> str:
         same = "same Dice" if res.get("eval_same_dice") else "DICE DIFFERS"
         rows.append(_row(["evaluation speed-up vs naive", f"{res['eval_speedup_vs_naive']:.2f}x ({same})"]
                          + [""] * (len(head) - 2)))
+    for name, seconds in res.get("predict_s", {}).items():
+        m = res.get("measurements", {}).get(f"predict.{name}", {})
+        z, h, w = m.get("query_shape", ("?", "?", "?"))
+        cells = [f"predict.py end to end, one {h}x{w}x{z} CT query, {name} ({m.get('backbone', '?')})",
+                 f"{seconds:.1f} s (in-process {m.get('predict_elapsed_s', float('nan')):.1f} s)",
+                 f"{res['predict_peak_rss_mb'][name]:,.0f} (predict.py process)"]
+        rows.append(_row(cells + (["-"] if cuda else [])))
     for workers, s100 in res.get("pseudolabel_s_per_100_slices", {}).items():
         rows.append(_row([f"pseudolabels, {workers} worker(s)", f"{s100:.2f} s per 100 slices"]
                          + _mem(res, f"pseudolabels.workers={workers}", cuda)))

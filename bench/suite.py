@@ -8,7 +8,9 @@ Measurements (each in its own process, see :mod:`bench.measure`):
   ``sabs_aug``) alone, steady state (the time to the first batch, worker start-up included, is reported apart);
 * ``eval``: one fold of EP1-ALP (:func:`util.protocol.evaluate_fold`) on the phantom with
   :class:`util.inference.FastPredictor` and with :class:`util.inference.NaivePredictor` (the original's loop);
-* ``pseudolabels``: :func:`data_preprocessing.pseudolabel.generate_pseudolabels` with 1 and with all workers.
+* ``pseudolabels``: :func:`data_preprocessing.pseudolabel.generate_pseudolabels` with 1 and with all workers;
+* ``predict``: ``predict.py`` end to end on one synthetic 512x512x200 CT query, as a new process
+  (:func:`bench.prediction.measure_predict`): seconds and the process's peak RSS, per backbone.
 
 The data is the synthetic phantom (``data_preprocessing.phantom``), generated in a scratch folder.
 """
@@ -49,6 +51,11 @@ class SuiteConfig:
         eval_batch_size: query slices per forward pass of the fast path.
         pipeline_workers: DataLoader worker counts; pipeline_episodes: episodes timed per count.
         pseudolabel_rounds: rounds of (1 worker, all workers); the fastest of each is kept.
+        loop_steps, loop_workers: the loop-overhead run (:func:`bench.loop.measure_loop`), per worker count.
+        ratio_reps: alternated steps of the pre-issue-12 and the current paper step (:func:`bench.loop.
+            measure_step_ratio`); 0 skips it.
+        predict_models: model names (keys of ``models``) timed with ``predict.py`` on a CT query of
+            ``predict_shape`` (slices, in-plane size); empty skips it.
         isolate: run each measurement in its own process (False only for tests).
     """
 
@@ -70,6 +77,11 @@ class SuiteConfig:
     pipeline_workers: tuple[int, ...] = (0, 1, 2)
     pipeline_episodes: int = 48
     pseudolabel_rounds: int = 1
+    loop_steps: int = 300
+    loop_workers: tuple[int, ...] = (0,)
+    ratio_reps: int = 3
+    predict_models: tuple[str, ...] = ()
+    predict_shape: tuple[int, int] = (200, 512)
     isolate: bool = True
 
     def timing(self, model: str) -> dict[str, Any]:
@@ -87,8 +99,9 @@ def mixed_precision(env: dict[str, Any]) -> str:
 
 def quick_config(device: str) -> SuiteConfig:
     """``--quick``: every required figure, few repetitions (about 2-3 min on 2 CPU cores)."""
-    cfg = SuiteConfig(device=device, quick=True, pipeline_episodes=32)
+    cfg = SuiteConfig(device=device, quick=True, pipeline_episodes=32, loop_steps=200, ratio_reps=2)
     cfg.reps_min, cfg.reps_max, cfg.budget_s = {"paper": 1, "*": 2}, {"paper": 2, "*": 4}, {"paper": 10.0, "*": 3.0}
+    cfg.predict_models = ("demo",)
     cfg.options = [("demo", "channels_last", {"channels_last": True}),
                    ("demo", "fp16", {"amp": "fp16"}),
                    ("demo", "batch_size=2", {"batch_size": 2})]
@@ -99,7 +112,8 @@ def full_config(device: str) -> SuiteConfig:
     """The default run: more repetitions, a larger phantom and every training option."""
     gpu = device.startswith("cuda")
     cfg = SuiteConfig(device=device, quick=False, n_scans=10, n_slices=36, eval_fold=0,
-                      eval_model="paper" if gpu else "demo", pipeline_episodes=200, pseudolabel_rounds=2)
+                      eval_model="paper" if gpu else "demo", pipeline_episodes=200, pseudolabel_rounds=2,
+                      predict_models=("demo", "paper"))
     cfg.warmup = {"*": 10 if gpu else 2}
     cfg.reps_min = {"*": 20} if gpu else {"paper": 3, "*": 5}
     cfg.reps_max = {"*": 100} if gpu else {"paper": 5, "*": 20}
@@ -158,7 +172,7 @@ def measure_train_step(backbone: str, size: int, device: str, amp: str = "off", 
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     if compile:
-        model.encoder.compile()
+        model.encoder.compile(dynamic=False)  # as util.run_setup.build_model
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
     scaler = torch.amp.GradScaler(dev.type) if amp == "fp16" else None
     batch = synthetic_batch(batch_size, size)
@@ -361,6 +375,33 @@ def run_suite(cfg: SuiteConfig, work_dir: str | Path | None = None, log=print) -
                 continue
             measurements[f"train_step.{name}.{option}"] = m
             res["train_options_s"].setdefault(name, {})[option] = m["median_s"]
+        # ------------------------------------------------------------ loop overhead (issue 12)
+        from bench.loop import measure_loop, measure_step_ratio
+
+        res["loop_steps_per_s"] = {}
+        for workers in cfg.loop_workers:
+            log(f"training loop, one-layer encoder 64x64, {workers} worker(s) ...")
+            m = run(measure_loop, data_dir, cfg.eval_fold, cfg.device, cfg.loop_steps, workers)
+            measurements[f"loop.workers={workers}"] = m
+            res["loop_steps_per_s"][str(workers)] = m["steps_per_s"]
+        if cfg.ratio_reps:
+            backbone, size = cfg.models["paper"]
+            log(f"train step, paper ({backbone}), before issue 12 vs now ...")
+            m = run(measure_step_ratio, backbone, size, cfg.device, cfg.ratio_reps)
+            measurements["train_step.paper.legacy_vs_new"] = m
+            res["train_step_ratio_legacy_vs_new"] = m["ratio"]
+        # ------------------------------------------------------------ own-scan prediction (issue 9)
+        from bench.prediction import measure_predict
+
+        for name in cfg.predict_models:
+            backbone = cfg.models[name][0]
+            n_slices, size = cfg.predict_shape
+            log(f"predict.py, one {size}x{size}x{n_slices} CT query, {name} ({backbone}) ...")
+            m = run(measure_predict, backbone, n_slices, size, device=cfg.device,
+                    work_dir=str(Path(work_dir) / f"predict_{name}"))
+            measurements[f"predict.{name}"] = m
+            res.setdefault("predict_s", {})[name] = m["seconds"]
+            res.setdefault("predict_peak_rss_mb", {})[name] = round(m["predict_peak_rss_mb"], 1)
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

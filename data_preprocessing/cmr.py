@@ -13,7 +13,7 @@ it follows the original's procedure), which is the CHAOS recipe with another sli
 Project choices (not documented by the follow-ups): scan ids are the patient numbers of the file names; scans
 are used in their stored NIfTI orientation (no reorientation); image and label must share a grid; images
 without a manual label are skipped (listed); an anatomy check warns when the ring around the LV blood pool is
-not mostly myocardium (a different label convention); see the README section "Preparing the real datasets".
+not mostly myocardium (a different label convention); see docs/datasets.md.
 
 Usage::
 

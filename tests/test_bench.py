@@ -19,7 +19,8 @@ REQUIRED = ("train_step_s", "episodes_per_s", "eval_s", "eval_naive_s", "eval_sp
 def tiny_config() -> SuiteConfig:
     """Everything at 64x64 with the light backbone; one repetition per timing."""
     cfg = SuiteConfig(device="cpu", quick=True, models={"paper": ("lite_gn", 64), "demo": ("lite_gn", 64)},
-                      size=64, n_scans=6, n_slices=12, eval_fold=2, pipeline_workers=(0,), pipeline_episodes=4)
+                      size=64, n_scans=6, n_slices=12, eval_fold=2, pipeline_workers=(0,), pipeline_episodes=4,
+                      loop_steps=25, ratio_reps=1)
     cfg.reps_min, cfg.reps_max, cfg.budget_s = {"*": 1}, {"*": 1}, {"*": 0.0}
     return cfg
 
@@ -50,11 +51,28 @@ def test_quick_run_writes_every_key(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert all(50 < v < 20000 for v in res["peak_rss_mb"].values())
     for key in ("device", "torch", "cpu_count", "load_avg_start", "load_avg_end", "command"):
         assert key in res["meta"], key
+    # the real training loop around a one-layer encoder, and the paper step before issue 12 vs now
+    loop = res["measurements"]["loop.workers=0"]
+    assert loop["steps_timed"] == 25 - 20 - 1 and loop["skipped_steps"] == 0 and loop["input_size"] == 64
+    assert res["loop_steps_per_s"]["0"] == loop["steps_per_s"] > 0
+    ratio = res["measurements"]["train_step.paper.legacy_vs_new"]
+    assert res["train_step_ratio_legacy_vs_new"] == pytest.approx(ratio["legacy_s"] / ratio["new_s"])
+    assert len(ratio["times_s"]["legacy"]) == len(ratio["times_s"]["new"]) == 1
     table = capsys.readouterr().out
+    assert "training loop overhead (one-layer encoder, 64x64, 0 DataLoader workers)" in table
     assert "| evaluation speed-up vs naive |" in table and "episodes/s" in table
     assert format_table(res) in table
     assert sorted(p.name for p in (tmp_path / "work" / "phantom").glob("superpix-MIDDLE_*.nii.gz")) == \
         [f"superpix-MIDDLE_{i}.nii.gz" for i in range(6)]  # --work-dir keeps the phantom and its pseudolabels
+
+
+def test_cuda_without_cuda_is_a_one_line_error(capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    assert bench_cli.main(["--device", "cuda", "--quick"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --device cuda: CUDA is not available here (use --device cpu)"
 
 
 def test_time_repeated_respects_counts_and_budget() -> None:

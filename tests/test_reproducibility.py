@@ -59,5 +59,5 @@ def test_deterministic_mode_on_cuda(tiny_phantom: Path, tmp_path: Path, restore_
                                    "deterministic=True"]) == 0
         logs.append(json.loads((run_dir / "train_log.json").read_text())["loss"])
     # convolutions and matmuls are deterministic; bilinear-upsampling backward and the NLL loss still use atomic
-    # adds on CUDA (README), so the curves agree to float rounding rather than bit for bit
+    # adds on CUDA (docs/reproducibility.md), so the curves agree to float rounding rather than bit for bit
     assert logs[0] == pytest.approx(logs[1], abs=1e-5)

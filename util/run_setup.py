@@ -74,6 +74,8 @@ def resolve_fold(config: dict[str, Any]) -> tuple[DatasetInfo, Fold]:
     available = niftiio.list_scan_ids(config["data_dir"])
     fold = info.fold(config["eval_fold"], available=available, n_shots=config["n_shots"])
     held = list(fold.held_out)
+    if not held:  # a training-only fold (an unlabelled dataset from data_preprocessing.prepare): nothing held out
+        return info, fold
     support_idx = list(config["support_idx"])
     if len(support_idx) != config["n_shots"]:
         support_idx = list(range(-config["n_shots"], 0)) if support_idx == [-1] else support_idx
@@ -88,37 +90,77 @@ def resolve_fold(config: dict[str, Any]) -> tuple[DatasetInfo, Fold]:
     return info, Fold(fold.index, queries, support, fold.train)
 
 
-def check_training_data(config: dict[str, Any], info: DatasetInfo, fold: Fold) -> None:
-    """Fail early, naming the file: missing superpixels, a missing or stale class map, bad config lists, or a scan
-    of the fold (held-out ones included) whose image or label is truncated, off the image grid, or holds label ids
-    the dataset does not define."""
+def check_training_data(config: dict[str, Any], info: DatasetInfo, fold: Fold) -> dict[int, Any]:
+    """Fail early, naming the file: missing superpixels, a missing class map or one that disagrees with the label
+    files, bad config lists, a setting-2 config that would leak (``util.leakage``), or a scan of the fold
+    (held-out ones included) whose image or label is truncated, off the image grid, non-finite, or holds label ids
+    the dataset does not define.
+
+    Returns:
+        scan id -> (Z, C) int64 per-slice pixel counts of every class in the label file, for every scan of the
+        fold (C = largest label id + 1); ``training.py`` computes the run's exclusion record from them.
+    """
+    from data_preprocessing.class_slice_index import slice_class_counts
+    from dataloaders.derived import check_classmap_matches, classmap_command, pseudolabel_command
+    from util.leakage import check_setting2_config
+
     data_dir = Path(config["data_dir"])
     for key in ("n_steps", "batch_size", "save_snapshot_every", "print_interval", "max_nonfinite_steps"):
         if isinstance(config[key], bool) or not isinstance(config[key], int) or config[key] < 1:
             raise ConfigError(f"{key}={config[key]!r} must be a positive integer")
+    if isinstance(config["min_fg_data"], bool) or not isinstance(config["min_fg_data"], int) \
+            or config["min_fg_data"] < 1:
+        raise ConfigError(f"min_fg_data={config['min_fg_data']!r} must be a positive integer (pixels per slice)")
     if not fold.train:
         raise ConfigError(f"fold {fold.index} with n_shots={config['n_shots']} holds out every scan "
                           f"{list(fold.held_out)}: no training scan is left")
-    for sid in fold.train:
-        path = niftiio.superpix_path(data_dir, sid, config["superpix_scale"])
-        if not path.is_file():
-            raise niftiio.DataFormatError(
-                f"{path}: superpixel file missing for scan {sid}; generate it with "
-                f"python -m data_preprocessing.pseudolabel --data-dir {data_dir} --dataset {info.name}")
-    niftiio.load_classmap(data_dir, list(info.labels.values()), min_fg=config["min_fg_data"])
     if config["exclusion_rule"] not in ("any", "all"):
         raise ConfigError(f"exclusion_rule={config['exclusion_rule']!r} must be 'any' or 'all'")
     unknown = [c for c in config["exclude_cls_list"] if c not in info.class_names]
     if unknown:
         raise ConfigError(f"exclude_cls_list has ids {unknown} that {info.name} does not define "
                           f"({info.class_names})")
+    check_setting2_config(config, info)
+    dim = config.get("superpix_dim", 2)
+    if dim not in (2, 3):
+        raise ConfigError(f"superpix_dim={dim!r} must be 2 (per-slice superpixels) or 3 (3D supervoxels)")
+    if dim == 3:
+        if config["episode_sampling"] != "compact":
+            raise ConfigError(f"episode_sampling={config['episode_sampling']!r} reproduces the original's 2D "
+                              f"superpixel episodes; superpix_dim=3 needs episode_sampling='compact'")
+        from dataloaders.supervoxel_dataset import supervoxel_command
+
+        missing = [sid for sid in fold.train
+                   if not niftiio.supervox_path(data_dir, sid, config["superpix_scale"]).is_file()]
+        if missing:
+            raise niftiio.DataFormatError(
+                f"{niftiio.supervox_path(data_dir, missing[0], config['superpix_scale'])}: supervoxel file missing "
+                f"for scan {missing[0]}" + (f" (and scans {missing[1:]})" if missing[1:] else "")
+                + f" (superpix_dim=3); build them with {supervoxel_command(data_dir, info, config['superpix_scale'])}")
+    else:
+        missing = [sid for sid in fold.train
+                   if not niftiio.superpix_path(data_dir, sid, config["superpix_scale"]).is_file()]
+    if missing and dim == 2:
+        raise niftiio.DataFormatError(
+            f"{niftiio.superpix_path(data_dir, missing[0], config['superpix_scale'])}: superpixel file missing for "
+            f"scan {missing[0]}" + (f" (and scans {missing[1:]})" if missing[1:] else "") + "; generate it with "
+            + pseudolabel_command(data_dir, info, missing, config["superpix_scale"]))
+    min_fg = config["min_fg_data"]
+    cmap = niftiio.load_classmap(data_dir, list(info.labels.values()), min_fg=min_fg,
+                                 rebuild=classmap_command(data_dir, info, min_fg))
     # Every scan of the fold, held-out ones included, so that a day of training never ends on a broken label file.
+    n_classes = max(info.labels) + 1
+    counts: dict[int, Any] = {}
     for sid in tqdm(sorted(set(fold.train) | set(fold.held_out)), desc="checking scans", leave=False):
-        niftiio.load_scan(data_dir, sid, with_label=True, known_labels=set(info.labels))
+        scan = niftiio.load_scan(data_dir, sid, with_label=True, known_labels=set(info.labels))
+        counts[sid] = slice_class_counts(scan.label, n_classes)
+    check_classmap_matches(cmap, counts, data_dir, info, min_fg)
+    return counts
 
 
 def build_training_dataset(config: dict[str, Any], info: DatasetInfo, fold: Fold):
-    """The superpixel episode dataset over the fold's training scans (SPEC 5)."""
+    """The episode dataset over the fold's training scans: 2D superpixels (SPEC 5) or, with ``superpix_dim=3``,
+    3D supervoxels (:mod:`dataloaders.supervoxel_dataset`)."""
     import dataclasses
 
     from dataloaders.augmentations import PRESETS
@@ -127,11 +169,21 @@ def build_training_dataset(config: dict[str, Any], info: DatasetInfo, fold: Fold
     name = "identity" if config["which_aug"] == "none" else config["which_aug"]
     if name not in PRESETS:
         raise ConfigError(f"which_aug={config['which_aug']!r}: choose one of {sorted(PRESETS)} or 'none'")
-    aug = dataclasses.replace(PRESETS[name], border_fill=config["border_fill"])
+    aug = dataclasses.replace(PRESETS[name], border_fill=config["border_fill"], parity=bool(config.get("aug_parity")))
     size = tuple(config["input_size"])
     if len(size) != 2 or size[0] != size[1]:
         raise ConfigError(f"input_size={list(size)}: only square inputs are supported")
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if config.get("superpix_dim", 2) == 3:  # support and query: neighbouring slices of one 3D supervoxel
+        from dataloaders.supervoxel_dataset import SupervoxelEpisodeDataset
+
+        return SupervoxelEpisodeDataset(
+            data_dir=config["data_dir"], info=info, scan_ids=list(fold.train),
+            exclude_classes=list(config["exclude_cls_list"]), exclusion_rule=config["exclusion_rule"],
+            superpix_scale=config["superpix_scale"], min_fg=config["min_fg_data"],
+            n_episodes=config["n_steps"] * config["batch_size"] * world, seed=config["seed"], aug=aug,
+            n_shots=1, n_queries=config["n_queries"], input_size=int(size[0]),
+        )
     return SuperpixelEpisodeDataset(
         data_dir=config["data_dir"], info=info, scan_ids=list(fold.train),
         exclude_classes=list(config["exclude_cls_list"]), exclusion_rule=config["exclusion_rule"],
@@ -156,13 +208,16 @@ def build_model(config: dict[str, Any], device: torch.device, for_training: bool
         backbone=config["modelname"], init=init, weights_path=weights_path,
         proto_grid_size=config["proto_grid_size"], feature_hw=tuple(config["feature_hw"]),
         val_wsize=config["val_wsize"], build_unused_aspp=config["build_unused_aspp"],
+        multishot_proto=config.get("multishot_proto", "per_shot"),
     )
     model = model.to(device)
     if config.get("channels_last"):
         # FewShotSeg.encode converts its 4D encoder batch to this layout when the weights are channels_last
         model = model.to(memory_format=torch.channels_last)
     if config.get("compile"):
-        model.encoder.compile()  # in place: state-dict keys stay "encoder.*" (torch.compile(m) adds "_orig_mod.")
+        # in place: state-dict keys stay "encoder.*" (torch.compile(m) adds "_orig_mod."). Static shapes: a training
+        # run feeds the encoder one (B * (S + Q), 3, H, W) batch every step, so one graph serves the whole run.
+        model.encoder.compile(dynamic=False)
     return model
 
 
@@ -182,9 +237,8 @@ class DistContext:
         weights whatever its own initialisation; gradients are averaged over ranks at every step.
 
         Raises:
-            ConfigError: ``episode_sampling="legacy"`` (its empty-foreground steps are skipped on one rank only,
-                which would stall the others' gradient all-reduce); ``sync_bn=True`` on CPU (PyTorch's
-                SyncBatchNorm needs GPUs).
+            ConfigError: ``episode_sampling="legacy"`` (a single-process parity mode: the original trained on
+                one GPU); ``sync_bn=True`` on CPU (PyTorch's SyncBatchNorm needs GPUs).
         """
         if self.world_size == 1:
             return model
