@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
 
+from tests.reliability_fixtures import TINY32, cli
 from training import train_step
+from util.checkpoint import load_checkpoint
 from util.lr_schedule import build_scheduler, lr_at
 from util.resume import RESUME_MUST_MATCH
 
@@ -110,3 +113,21 @@ def test_bg_weight_enters_the_query_loss() -> None:
     terms = train_step(model, batch, torch.optim.SGD(model.parameters(), lr=0.0), None, torch.device("cpu"), "off",
                        True, False, 255)
     assert float(terms["query_loss"]) == pytest.approx((0.05 * l_bg + l_fg) / 1.05, rel=1e-6)
+
+
+def test_training_with_cosine_schedule(tiny_phantom: Path, tmp_path: Path) -> None:
+    """A 4-step run with ``lr_schedule=cosine``: every step's lr (TensorBoard) and the checkpointed scheduler."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = tmp_path / "run"
+    assert cli("training.py", [*TINY32, f"data_dir={tiny_phantom}", f"run_dir={run_dir}", "lr_schedule=cosine",
+                               "tensorboard=True"]) == 0
+    ckpt = load_checkpoint(run_dir / "snapshots" / "4.pth")
+    lr = ckpt["config"]["optim"]["lr"]
+    acc = EventAccumulator(str(run_dir / "tensorboard"))
+    acc.Reload()
+    c = math.cos(math.pi / 4)
+    # steps 1..4 after 0..3 scheduler steps of T_max = 4 (the milestone [2] of TINY32 is ignored)
+    assert [e.value for e in acc.Scalars("train/lr")] == pytest.approx([lr, lr * (1 + c) / 2, lr / 2, lr * (1 - c) / 2],
+                                                                      rel=1e-6)
+    assert ckpt["scheduler"]["T_max"] == 4 and ckpt["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.0)
