@@ -103,7 +103,7 @@ def cfg():
     n_steps = 100000  # optimiser steps (the original's 100100 loop gave ~100k, Q12)
     lr_step_gamma = 0.95
     lr_milestones = [(i + 1) * 1000 for i in range(n_steps // 1000 - 1)]
-    lr_schedule = "step"  # "step" (paper: MultiStepLR) | "cosine" | "poly" (util/lr_schedule.py)
+    lr_schedule = "step"  # "step" (paper: MultiStepLR) | "cosine" | "poly" (engine/lr_schedule.py)
     batch_size = 1  # episodes per step, each with its own prototypes
     ignore_label = 255
     save_snapshot_every = 25000

@@ -57,8 +57,8 @@ from data_preprocessing.verify import RawDataError
 from dataloaders import niftiio
 from dataloaders.normalization import Normalizer, fit_normalizer
 from models.grid_proto_fewshot import FewShotSeg
-from prediction_report import write_overlay, write_report
-from segmentation import segment_volume
+from prediction.report import write_overlay, write_report
+from prediction.volume import segment_volume
 from util.checkpoint import load_checkpoint, load_model_weights
 from util.cli import EXIT_OK, EXIT_USER_ERROR, PROJECT_ERRORS, error_line
 from util.inference import FastPredictor

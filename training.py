@@ -24,13 +24,16 @@ from tqdm import tqdm
 from config_ssl_upload import ex
 from data_preprocessing.geometry import preprocessing_record
 from dataloaders.derived import check_checkpoint_matches_folder
+from dataloaders.leakage import dataset_exclusion_record
 from dataloaders.niftiio import write_json
+from engine import preemption
+from engine.lr_schedule import build_scheduler
+from engine.step_guard import StepGuard, all_ranks_ok
+from engine.tensorboard_log import TensorBoardLog
+from engine.val_monitor import ValMonitor, log_validation, split_off_val_scans
 from models.losses import QUERY_CLASS_WEIGHTS, query_loss
-from util import preemption
 from util.checkpoint import load_checkpoint, load_model_weights, plain_config, save_checkpoint, snapshot_path
 from util.cli import run_cli
-from util.leakage import dataset_exclusion_record
-from util.lr_schedule import build_scheduler
 from util.resume import (
     LOSS_KEYS,
     check_resume_config,
@@ -50,9 +53,6 @@ from util.run_setup import (
     setup_distributed,
 )
 from util.seeding import rng_state, seed_everything, set_deterministic, set_rng_state, worker_init_fn
-from util.step_guard import StepGuard, all_ranks_ok
-from util.tensorboard_log import TensorBoardLog
-from util.val_monitor import ValMonitor, log_validation, split_off_val_scans
 
 
 class NonFiniteLossError(RuntimeError):
@@ -95,7 +95,7 @@ def train_step(model: torch.nn.Module, batch: dict[str, Any], optimizer: torch.o
     Args:
         batch: ``support_images`` (B, S, 3, H, W), ``support_fg``/``support_bg`` (B, S, H, W),
             ``query_images`` (B, Q, 3, H, W), ``query_labels`` (B, Q, H, W) int64.
-        guard: the run's :class:`util.step_guard.StepGuard` (default: a host-side one for this step).
+        guard: the run's :class:`engine.step_guard.StepGuard` (default: a host-side one for this step).
         bg_weight: background weight of the query cross-entropy when ``use_wce`` (foreground 1.0; the paper's
             0.05 by default, config key ``wce_bg_weight``).
 
@@ -105,7 +105,7 @@ def train_step(model: torch.nn.Module, batch: dict[str, Any], optimizer: torch.o
 
     A non-finite loss skips the update (no optimizer step; weights, momentum and BatchNorm statistics untouched);
     the caller counts it. With a device-side guard the decision never leaves the device (see
-    :mod:`util.step_guard`); under DDP it is taken on all ranks together. With ``channels_last`` the model converts
+    :mod:`engine.step_guard`); under DDP it is taken on all ranks together. With ``channels_last`` the model converts
     its encoder batch itself.
     """
     if guard is None:
@@ -169,7 +169,7 @@ def train(_run, _config: dict, _log, seed: int, n_steps: int, batch_size: int, n
         _log.info("run folder: %s | device: %s | world size: %d", run_dir, device, dist.world_size)
 
     info, fold = resolve_fold(_config)
-    fold = split_off_val_scans(fold, _config["val_scans"])  # val scans leave the training pool (util/val_monitor.py)
+    fold = split_off_val_scans(fold, _config["val_scans"])  # val scans leave the training pool (engine/val_monitor.py)
     slice_counts = check_training_data(_config, info, fold)  # per-slice class counts of the label files
     # what predict.py needs to bring new scans onto this grid (scans.json of a prepared folder, else the registry's)
     preprocessing = preprocessing_record(_config["data_dir"], info.name, info.modality)

@@ -30,17 +30,17 @@ from dataloaders.derived import (
     image_fingerprint,
     pseudolabel_command,
 )
+from dataloaders.leakage import leak_free_for
 from dataloaders.manual_anno_dataset import load_annotated_scans
 from dataloaders.normalization import Normalizer, normalizer_from_scans
+from engine.val_monitor import without_val_scans
 from models.weights import StateDictMismatchError, load_original_checkpoint
 from util.checkpoint import load_checkpoint, state_dict_mismatch
 from util.cli import run_cli
 from util.inference import FastPredictor
-from util.leakage import leak_free_for
 from util.protocol import evaluate_fold, evaluate_fold_ep2
 from util.run_setup import ConfigError, build_model, resolve_device, resolve_fold, resolve_run_dir
 from util.seeding import seed_everything, set_deterministic
-from util.val_monitor import without_val_scans
 
 # Keys that must agree between the training run stored in a checkpoint and this evaluation.
 _ARCH_KEYS = ("modelname", "proto_grid_size", "feature_hw")
@@ -187,7 +187,7 @@ def validate(_run, _config: dict, _log, seed: int, reload_model_path: str | None
         raise StateDictMismatchError(mismatch)
     load_original_checkpoint(model, ckpt["model"])
     model.eval()
-    trained_exclusion = ckpt.get("exclusion")  # util.leakage record; None for checkpoints without one
+    trained_exclusion = ckpt.get("exclusion")  # dataloaders.leakage record; None for checkpoints without one
 
     # ------------------------------------------------------------------ scans
     fold = without_val_scans(fold, (ckpt.get("config") or {}).get("val_scans"))  # not trained on either

@@ -140,7 +140,7 @@ def legacy_train_step(model: nn.Module, batch: dict[str, Any], optimizer: torch.
 def measure_step_ratio(backbone: str, size: int, device: str, reps: int = 3, warmup: int = 1,
                        threads: int | None = None) -> dict[str, Any]:
     """Median seconds of :func:`legacy_train_step` and of :func:`training.train_step` (with the run's
-    :class:`util.step_guard.StepGuard`), alternated on one model and batch so that both see the same machine load.
+    :class:`engine.step_guard.StepGuard`), alternated on one model and batch so that both see the same machine load.
 
     Args:
         threads: torch intra-op threads for the measurement (``None``: the default).
@@ -154,9 +154,9 @@ def measure_step_ratio(backbone: str, size: int, device: str, reps: int = 3, war
 
     from bench.measure import sync
     from bench.suite import synthetic_batch
+    from engine.step_guard import StepGuard
     from models.grid_proto_fewshot import FewShotSeg
     from training import train_step
-    from util.step_guard import StepGuard
 
     if threads is not None:
         torch.set_num_threads(threads)

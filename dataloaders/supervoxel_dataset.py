@@ -190,7 +190,7 @@ class SupervoxelEpisodeDataset(SuperpixelEpisodeDataset):
         self.unit_codes = np.concatenate(codes).astype(np.int64)
         self._candidates = np.arange(self.unit_scan.size)  # the base class permutes these per pass
         self._perm_cache = {}
-        self.eligible = np.flatnonzero(trainable)  # what an episode can show (util.leakage checks these)
+        self.eligible = np.flatnonzero(trainable)  # what an episode can show (dataloaders.leakage checks these)
         self._stats.update({
             "superpix_dim": 3,
             "n_supervoxels": n_supervoxels,

@@ -1,4 +1,4 @@
-"""Setting 2 is leak-free whatever the config (util/leakage.py), through training.py and validation.py: a config
+"""Setting 2 is leak-free whatever the config (dataloaders/leakage.py), through training.py and validation.py: a config
 that would keep test-class slices is refused naming its keys unless exclusion_rule=all asks for the leaky variant,
 and the checkpoint and results.json record what was excluded, computed from the label files.
 """
@@ -15,10 +15,10 @@ import pytest
 from data_preprocessing.class_slice_index import write_classmap
 from dataloaders import niftiio
 from dataloaders.dataset_info import get_dataset_info
+from dataloaders.leakage import check_setting2_config
 from tests.reliability_fixtures import TINY, cli, copy_data, files_under
 from util.checkpoint import load_checkpoint
 from util.cli import EXIT_USER_ERROR
-from util.leakage import check_setting2_config
 from util.run_setup import ConfigError
 
 SHORT = [*TINY, "n_steps=2", "lr_milestones=[1]", "save_snapshot_every=2"]  # fold 2: train scans 0, 1, 5

@@ -1,4 +1,4 @@
-"""Learning-rate schedules (util/lr_schedule.py) and the query CE background weight (``wce_bg_weight``)."""
+"""Learning-rate schedules (engine/lr_schedule.py) and the query CE background weight (``wce_bg_weight``)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch import nn
 
+from engine.lr_schedule import build_scheduler, lr_at
 from tests.reliability_fixtures import TINY32, cli
 from training import train_step
 from util.checkpoint import load_checkpoint
-from util.lr_schedule import build_scheduler, lr_at
 from util.resume import RESUME_MUST_MATCH
 
 

@@ -1,4 +1,4 @@
-"""predict.py, segmentation.py and the report: foreign geometries, user label ids, k-shot, errors, hand-made values.
+"""predict.py, prediction/volume.py and the report: foreign geometries, user label ids, k-shot, errors, values.
 
 Scans are tiny synthetic MR-like volumes (12 x 48 x 48, 1.25 mm in-plane, 7.7 mm slices): air 0, a body cylinder of
 100, an organ box of 200 labelled 5 and another box of 150 labelled 1. The model is an untrained ``lite_gn``
@@ -20,7 +20,7 @@ import torch
 
 import predict
 from models.grid_proto_fewshot import FewShotSeg
-from segmentation import VolumeSegmentation, combine_classes, segment_volume
+from prediction.volume import VolumeSegmentation, combine_classes, segment_volume
 from util.inference import FastPredictor
 from util.metric import hd95
 from util.protocol import SupportScan, margin_fn

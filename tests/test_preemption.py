@@ -1,4 +1,4 @@
-"""Pre-emption (util/preemption.py): SIGTERM / SIGUSR1 during training write a snapshot at the current step, the
+"""Pre-emption (engine/preemption.py): SIGTERM / SIGUSR1 during training write a snapshot at the current step, the
 script exits with 128 + signal number, and ``resume=True`` continues exactly as the uninterrupted run."""
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ import pytest
 import torch
 
 import training
+from engine.preemption import PreemptionGuard
 from tests.reliability_fixtures import REPO, TINY32, cli
 from util.checkpoint import load_checkpoint
 from util.cli import EXIT_SIGTERM, EXIT_SIGUSR1
-from util.preemption import PreemptionGuard
 
 RUN = [*TINY32, "n_steps=8", "lr_milestones=[4]", "save_snapshot_every=4", "print_interval=1"]
 

@@ -19,10 +19,10 @@ import pytest
 import torch
 from torch import nn
 
+from engine.step_guard import StepGuard
 from tests.reliability_fixtures import TINY, cli
 from tests.test_nan_guard import TinySegmenter, _batch
 from training import train_step
-from util.step_guard import StepGuard
 
 # Per-step train_log.json of `training.py with demo <TINY> n_steps=12 ...` (the two runs below) produced by the code
 # BEFORE issue 12 (commit e5d09ab, one float(loss) per step, per-tensor BatchNorm clones), on the tiny phantom of

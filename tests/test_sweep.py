@@ -50,7 +50,7 @@ def test_bad_arguments_are_one_line_errors(args: list[str], message: str, capsys
 
 def test_checkpoint_stops_the_training_with_a_snapshot_signal_and_requeues() -> None:
     job = SweepJob(Path("runs/x"), ["demo"])
-    # stands in for training.py: SIGUSR1 -> snapshot -> exit 128 + SIGUSR1 (util.preemption)
+    # stands in for training.py: SIGUSR1 -> snapshot -> exit 128 + SIGUSR1 (engine.preemption)
     child = subprocess.Popen([sys.executable, "-c", "import signal, sys, time\n"
                               "signal.signal(signal.SIGUSR1, lambda *a: sys.exit(128 + signal.SIGUSR1))\n"
                               "print('ready', flush=True)\ntime.sleep(60)"], stdout=subprocess.PIPE, text=True)

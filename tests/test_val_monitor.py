@@ -1,4 +1,4 @@
-"""Tests for util/val_monitor.py and util/tensorboard_log.py: val scans leave the training pool, snapshots are scored
+"""engine/val_monitor.py and engine/tensorboard_log.py: val scans leave the training pool, snapshots are scored
 with validation.py's protocol, the best snapshot is reported next to the final one, TensorBoard events read back."""
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ import validation  # noqa: F401  (registers the 'validate' command)
 from config_ssl_upload import ex
 from dataloaders.dataset_info import Fold
 from dataloaders.normalization import Normalizer
+from engine.tensorboard_log import multistep_lr
+from engine.val_monitor import ValMonitor, split_off_val_scans
 from models.weights import load_original_checkpoint
 from util.checkpoint import load_checkpoint
 from util.run_setup import ConfigError, build_model
-from util.tensorboard_log import multistep_lr
-from util.val_monitor import ValMonitor, split_off_val_scans
 
 TINY = {
     "input_size": (64, 64), "feature_hw": [8, 8], "proto_grid_size": 2, "val_wsize": 2, "num_workers": 0,

@@ -9,7 +9,7 @@
   full traceback;
 - 130 / 143 / 138: interrupted by Ctrl-C (SIGINT) / SIGTERM / SIGUSR1 (a cluster pre-empting the job): the observer
   records ``INTERRUPTED``. During the training loop SIGTERM and SIGUSR1 first write a snapshot at the current step
-  (``util.preemption``); ``resume=True`` continues the run exactly.
+  (``engine.preemption``); ``resume=True`` continues the run exactly.
 
 In-process use (``ex.run(...)`` in tests and notebooks) is not wrapped and raises the normal exceptions.
 ``--debug`` / ``--pdb`` on the command line also keep the raw exception.
@@ -30,9 +30,9 @@ from sacred.utils import SacredError, format_sacred_error
 from data_preprocessing.verify import RawDataError
 from dataloaders.dataset_info import DatasetDescriptionError
 from dataloaders.niftiio import DataFormatError
+from engine.preemption import Preempted
 from models.weights import PretrainedWeightsUnavailable, StateDictMismatchError
 from util.checkpoint import CheckpointError
-from util.preemption import Preempted
 from util.run_setup import ConfigError
 
 # Errors that mean "your input is wrong" (data, config, checkpoint, environment), never "the code is wrong".

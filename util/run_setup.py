@@ -92,7 +92,7 @@ def resolve_fold(config: dict[str, Any]) -> tuple[DatasetInfo, Fold]:
 
 def check_training_data(config: dict[str, Any], info: DatasetInfo, fold: Fold) -> dict[int, Any]:
     """Fail early, naming the file: missing superpixels, a missing class map or one that disagrees with the label
-    files, bad config lists, a setting-2 config that would leak (``util.leakage``), or a scan of the fold
+    files, bad config lists, a setting-2 config that would leak (``dataloaders.leakage``), or a scan of the fold
     (held-out ones included) whose image or label is truncated, off the image grid, non-finite, or holds label ids
     the dataset does not define.
 
@@ -102,7 +102,7 @@ def check_training_data(config: dict[str, Any], info: DatasetInfo, fold: Fold) -
     """
     from data_preprocessing.class_slice_index import slice_class_counts
     from dataloaders.derived import check_classmap_matches, classmap_command, pseudolabel_command
-    from util.leakage import check_setting2_config
+    from dataloaders.leakage import check_setting2_config
 
     data_dir = Path(config["data_dir"])
     for key in ("n_steps", "batch_size", "save_snapshot_every", "print_interval", "max_nonfinite_steps"):

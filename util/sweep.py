@@ -20,7 +20,7 @@ snapshot. The words after ``with`` are passed to every training and test (e.g. `
 is set per run) or ``cpu`` (several ``cpu`` entries share the cores; each run gets cores / entries threads).
 ``--slurm`` submits one job array through submitit (one GPU per job by default); SLURM warns a job before its
 time limit or pre-emption, submitit then calls :meth:`launch.slurm.SweepJob.checkpoint`, which makes the training
-write a snapshot at its current step (SIGUSR1, ``util.preemption``) and requeues the job, which resumes it.
+write a snapshot at its current step (SIGUSR1, ``engine.preemption``) and requeues the job, which resumes it.
 The work is done by the :mod:`launch` package; this module is the command line.
 Exit code: 0 when every run finished, 1 when some failed (their logs are named), 2 on bad arguments.
 """

@@ -155,7 +155,7 @@ class ValMonitor:
 
 def log_validation(run: Any, writer: Any, entry: dict[str, Any]) -> None:
     """Record one val entry as Sacred scalars ``val.dice.<NAME>``/``val.dice.mean`` and, when ``writer`` is given
-    (a :class:`util.tensorboard_log.TensorBoardLog`), in TensorBoard."""
+    (a :class:`engine.tensorboard_log.TensorBoardLog`), in TensorBoard."""
     for name, value in entry["class_dice"].items():
         if value is not None:
             run.log_scalar(f"val.dice.{name}", value, entry["step"])

@@ -3,9 +3,9 @@
 Scalars, all with the optimiser step as the x axis:
 
 * ``train/loss``, ``train/query_loss``, ``train/align_loss``: the loss terms of every step (SPEC 6.3);
-* ``train/lr``: the learning rate that step used (``lr_schedule``: MultiStepLR, SPEC 7, or util/lr_schedule.py);
+* ``train/lr``: the learning rate that step used (``lr_schedule``: MultiStepLR, SPEC 7, or engine/lr_schedule.py);
 * ``val/dice/mean`` and ``val/dice/<CLASS>``: validation Dice at each snapshot when ``val_scans`` is set
-  (:mod:`util.val_monitor`).
+  (:mod:`engine.val_monitor`).
 
 Events go to ``<run folder>/tensorboard``; view them with ``tensorboard --logdir <run folder>/tensorboard``.
 """
@@ -16,7 +16,7 @@ import bisect
 from pathlib import Path
 from typing import Any
 
-from util.lr_schedule import lr_at
+from engine.lr_schedule import lr_at
 from util.run_setup import ConfigError
 
 
@@ -34,7 +34,7 @@ class TensorBoardLog:
         base_lr: ``optim.lr``.
         milestones: ``lr_milestones``.
         gamma: ``lr_step_gamma``.
-        schedule: ``lr_schedule`` (``step``, ``cosine``, ``poly``; :mod:`util.lr_schedule`).
+        schedule: ``lr_schedule`` (``step``, ``cosine``, ``poly``; :mod:`engine.lr_schedule`).
         n_steps: ``n_steps`` (the length of ``cosine`` and ``poly``).
 
     Raises:
@@ -61,7 +61,7 @@ class TensorBoardLog:
         self.writer.add_scalar("train/lr", lr, step)
 
     def validation(self, entry: dict[str, Any]) -> None:
-        """Validation Dice of a snapshot (an entry of :meth:`util.val_monitor.ValMonitor.score`)."""
+        """Validation Dice of a snapshot (an entry of :meth:`engine.val_monitor.ValMonitor.score`)."""
         if entry["mean_dice"] is not None:
             self.writer.add_scalar("val/dice/mean", entry["mean_dice"], entry["step"])
         for name, value in entry["class_dice"].items():
