@@ -69,7 +69,7 @@ import SimpleITK as sitk
 from data_preprocessing.intensity import CT_WINDOW, MR_CLIP_PERCENTILE, rescale_window
 from data_preprocessing.resample import center_start
 from data_preprocessing.verify import RawDataError
-from dataloaders.niftiio import DataFormatError, Geometry, read_sitk
+from dataloaders.niftiio import DataFormatError, Geometry, read_header, read_sitk
 
 ORIENTATION = "LPS"  # common orientation of every processed scan (identity direction for axis-aligned scans)
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -246,12 +246,7 @@ def read_grid(path: str | Path) -> Grid | None:
         return None
     if not path.is_file():
         raise DataFormatError(f"{path}: file not found")
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError as err:
-        raise DataFormatError(f"{path}: cannot be read as an image ({str(err).strip().splitlines()[-1]})") from None
+    reader = read_header(path)
     if reader.GetDimension() != 3:
         raise RawDataError(f"{path}: expected a 3D volume, got a {reader.GetDimension()}D image")
     return Grid(tuple(int(v) for v in reader.GetSize()), tuple(float(v) for v in reader.GetSpacing()),

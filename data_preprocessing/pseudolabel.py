@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import SimpleITK as sitk
 from tqdm import tqdm
 
 from data_preprocessing.superpixels import SCALE_MODES, scale_params, superpixel_slice
@@ -45,6 +44,7 @@ from dataloaders.niftiio import (
     fgmask_path,
     image_path,
     list_scan_ids,
+    read_header,
     read_volume,
     superpix_path,
     supervox_path,
@@ -120,12 +120,7 @@ def _pool_context() -> multiprocessing.context.BaseContext:
 
 def _n_slices(path: Path) -> int:
     """Number of slices (SimpleITK axis 0, i.e. the image's z size) from the header only."""
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError as err:
-        raise DataFormatError(f"{path}: cannot be read as an image ({str(err).strip().splitlines()[-1]})") from None
+    reader = read_header(path)
     size = reader.GetSize()
     if len(size) != 3:
         raise DataFormatError(f"{path}: expected a 3D volume, got size {size}")

@@ -24,10 +24,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 
 from dataloaders.dataset_info import DatasetDescriptionError, DatasetInfo, get_dataset_info
-from dataloaders.niftiio import DataFormatError, Geometry, classmap_path, image_path, label_path
+from dataloaders.niftiio import DataFormatError, Geometry, classmap_path, image_path, label_path, read_header
 
 logger = logging.getLogger(__name__)
 
@@ -84,12 +83,7 @@ def source_note(fingerprint: str) -> str:
 
 def read_source_fingerprint(path: str | Path) -> str | None:
     """The source-image fingerprint stored in a derived volume's header, or ``None`` (reads the header only)."""
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError as err:
-        raise DataFormatError(f"{path}: cannot be read as an image ({str(err).strip().splitlines()[-1]})") from None
+    reader = read_header(path)
     notes = reader.GetMetaData(NOTES_KEY) if reader.HasMetaDataKey(NOTES_KEY) else ""
     notes = notes.strip()
     return notes[len(_FP_PREFIX):] if notes.startswith(_FP_PREFIX) else None

@@ -125,6 +125,21 @@ def check_nifti_finite(path: Path, raw: bytes) -> None:
             f"silently, as SimpleITK's reader would, with 0)")
 
 
+def read_header(path: str | Path) -> sitk.ImageFileReader:
+    """A reader holding the image information of ``path`` (size, spacing, metadata), without reading the voxels.
+
+    Raises:
+        DataFormatError: the file cannot be read as an image (SimpleITK's last message line is quoted).
+    """
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as err:
+        raise DataFormatError(f"{path}: cannot be read as an image ({str(err).strip().splitlines()[-1]})") from None
+    return reader
+
+
 def read_sitk(path: str | Path) -> sitk.Image:
     """Read one volume with SimpleITK after checking it is complete and, for float NIfTI, finite."""
     path = Path(path)

@@ -77,6 +77,28 @@ class EpisodeMeta:
     fg_pixels: int
 
 
+def episode_tensors(views: Sequence[tuple[np.ndarray, np.ndarray]], n_shots: int) -> dict[str, torch.Tensor]:
+    """The network's tensors of one episode from its augmented views (the first ``n_shots`` are the support).
+
+    Args:
+        views: (image (H, W) float32, mask (H, W) int64) per view, support views first, then the queries.
+
+    Returns:
+        ``support_images`` (S, 3, H, W), ``support_fg``/``support_bg`` (S, H, W) float32, ``query_images``
+        (Q, 3, H, W), ``query_labels`` (Q, H, W) int64.
+    """
+    imgs = np.stack([v[0] for v in views])
+    labs = np.stack([v[1] for v in views])
+    support_fg = torch.from_numpy(labs[:n_shots].astype(np.float32))
+    return {
+        "support_images": torch.from_numpy(to_three_channels(imgs[:n_shots])),
+        "support_fg": support_fg,
+        "support_bg": 1.0 - support_fg,
+        "query_images": torch.from_numpy(to_three_channels(imgs[n_shots:])),
+        "query_labels": torch.from_numpy(labs[n_shots:]),
+    }
+
+
 class SuperpixelEpisodeDataset(Dataset):
     """Episodes of (support, query) built from superpixels of the fold's training scans, held in RAM.
 
@@ -313,18 +335,5 @@ class SuperpixelEpisodeDataset(Dataset):
                     views[v] = augment(image, mask, self.aug, rng)
                 if not views[v][1].any():
                     views[v] = (image.astype(np.float32), mask)
-        imgs = np.stack([v[0] for v in views])
-        labs = np.stack([v[1] for v in views])
-        s_n = self.n_shots
-        support_fg = torch.from_numpy(labs[:s_n].astype(np.float32))
-        return {
-            "support_images": torch.from_numpy(to_three_channels(imgs[:s_n])),
-            "support_fg": support_fg,
-            "support_bg": 1.0 - support_fg,
-            "query_images": torch.from_numpy(to_three_channels(imgs[s_n:])),
-            "query_labels": torch.from_numpy(labs[s_n:]),
-            "index": idx,
-            "scan_id": self.scan_ids[k],
-            "z_id": z,
-            "superpix_id": sp_id,
-        }
+        return {**episode_tensors(views, self.n_shots), "index": idx, "scan_id": self.scan_ids[k], "z_id": z,
+                "superpix_id": sp_id}

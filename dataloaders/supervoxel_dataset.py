@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from data_preprocessing.supervoxels import supervoxel_slices
@@ -36,8 +35,8 @@ from dataloaders import niftiio
 from dataloaders.augmentations import AugParams, augment
 from dataloaders.dataset_info import DatasetInfo
 from dataloaders.derived import check_made_from, dataset_arg, image_fingerprint
-from dataloaders.normalization import Normalizer, to_three_channels
-from dataloaders.superpixel_dataset import _MAX_AUG_RETRIES, ExclusionRule, SuperpixelEpisodeDataset
+from dataloaders.normalization import Normalizer
+from dataloaders.superpixel_dataset import _MAX_AUG_RETRIES, ExclusionRule, SuperpixelEpisodeDataset, episode_tensors
 
 LINEAGE_MIN_SUPPORT_PIXELS = 200  # ADNet's smallest support cross-section, in pixels of a 256 x 256 slice
 
@@ -241,16 +240,8 @@ class SupervoxelEpisodeDataset(SuperpixelEpisodeDataset):
                 views[v] = augment(img[z], (vol[z] == sv).astype(np.int64), self.aug, rng)
             if not views[v][1].any():
                 views[v] = (img[z].astype(np.float32), (vol[z] == sv).astype(np.int64))
-        imgs = np.stack([v[0] for v in views])
-        labs = np.stack([v[1] for v in views])
-        s_n = self.n_shots
-        support_fg = torch.from_numpy(labs[:s_n].astype(np.float32))
         return {
-            "support_images": torch.from_numpy(to_three_channels(imgs[:s_n])),
-            "support_fg": support_fg,
-            "support_bg": 1.0 - support_fg,
-            "query_images": torch.from_numpy(to_three_channels(imgs[s_n:])),
-            "query_labels": torch.from_numpy(labs[s_n:]),
+            **episode_tensors(views, self.n_shots),
             "index": idx,
             "scan_id": self.scan_ids[k],
             "z_id": sup[0],
