@@ -4,10 +4,12 @@ One call augments one slice and its label map together:
 
 1. flips (implemented, all off in both presets), each with probability ``flip_p``;
 2. one affine matrix composed rotate -> translate -> shear -> zoom (rotation and zoom about the image centre),
-   applied with ``cv2.warpAffine``, bilinear, constant border (Q17: 0 in normalised units, i.e. the mean
-   intensity, as in the original; ``border_fill="min"`` fills the image with its minimum instead);
+   bilinear, constant border (Q17: 0 in normalised units, i.e. the mean intensity, as in the original;
+   ``border_fill="min"`` fills the image with its minimum instead);
 3. an elastic field: ``dx, dy ~ U(-1, 1)`` per pixel, ``cv2.GaussianBlur`` (sigma 5, 21x21), times ``alpha`` pixels,
-   resampled with ``scipy.ndimage.map_coordinates`` (order 1, mode ``'reflect'``); same field for image and labels;
+   bilinear, sample positions reflected at the border (mode ``'reflect'``); same field for image and labels.
+   Steps 2 and 3 are one resampling by default (:func:`warp_composed`); ``parity=True`` resamples twice as the
+   original does (``cv2.warpAffine``, then ``scipy.ndimage.map_coordinates``);
 4. labels travel as one-hot channels, are rounded (``rint``) and turned back into ids by ``argmax``;
 5. gamma on the image only: ``gamma ~ U(g0, g1)`` applied to min-max-scaled intensities, range restored.
 
@@ -16,7 +18,7 @@ Every random number comes from the ``np.random.Generator`` passed in (Q5), drawn
 make it the identity draws nothing.
 
 ``AugParams.parity=True`` reproduces the original's arithmetic, so that the same draws give a bit-identical result
-(SPEC 5.3); the default differs from it in four places, each for a reason:
+(SPEC 5.3); the default differs from it in five places, each for a reason:
 
 ======================  ==========================================  ===============================================
 step                    default                                     ``parity=True`` (the original)
@@ -27,6 +29,9 @@ rotation / zoom centre  ((W-1)/2, (H-1)/2), the centre of the       cv2 centre (
 affine matrix           float64                                     composed in float64, rounded to float32
 elastic fields          float64; 1st draw displaces rows, 2nd       float32; 1st draw displaces columns, 2nd rows
                         columns                                     (same distribution either way)
+resampling              affine and elastic composed into one          affine (cv2.warpAffine), then elastic
+                        cv2.remap (:func:`warp_composed`): one        (map_coordinates): two interpolations
+                        interpolation, ~4x faster
 gamma                   lo + r ((x - lo) / r) ** g, r = hi - lo:     lo + r' ((x - lo + 1e-5) / r') ** g,
                         min and max stay where they were            r' = hi - lo + 1e-5, in float32: the minimum
                                                                     moves up by r' (1e-5 / r') ** g
@@ -37,6 +42,7 @@ J. Schlemper); the code is written from SPEC 5.3.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
@@ -200,6 +206,77 @@ def warp_elastic(channels: np.ndarray, drow: np.ndarray, dcol: np.ndarray) -> np
     return out
 
 
+# -------------------------------------------------------------------- affine + elastic in one resampling
+def reflect_coords(x: np.ndarray, size: int) -> np.ndarray:
+    """Fold coordinates into ``[-0.5, size - 0.5]`` by half-sample symmetric reflection (scipy ``mode='reflect'``,
+    ``cv2.BORDER_REFLECT``: ``... b a | a b ... y z | z y ...``), for any distance outside."""
+    period = 2.0 * size
+    y = np.mod(x + 0.5, period)
+    return np.where(y > size, period - y, y) - 0.5
+
+
+def _elastic_positions(x: np.ndarray, size: int) -> np.ndarray:
+    """Where bilinear sampling of a reflect-extended row of ``size`` pixels at ``x`` reads: within the half-pixel
+    band outside the first and last pixel centres the extension repeats the edge pixel, so the reflected position is
+    clamped to ``[0, size - 1]`` (exactly equal for linear interpolation)."""
+    outside = (x < -0.5) | (x > size - 0.5)
+    if outside.any():  # rare for sabs_aug's fields (a few pixels), so reflect only those
+        x = x.copy()
+        x[outside] = reflect_coords(x[outside], size)
+    return np.clip(x, 0.0, size - 1.0)
+
+
+@functools.lru_cache(maxsize=8)
+def _pixel_grid(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row and column indices ``(H, W)`` float64, read-only (cached per shape)."""
+    rows, cols = np.mgrid[0:h, 0:w].astype(np.float64)
+    rows.flags.writeable = False
+    cols.flags.writeable = False
+    return rows, cols
+
+
+def warp_composed(channels: np.ndarray, matrix: np.ndarray | None, drow: np.ndarray | None,
+                  dcol: np.ndarray | None, border_values: list[float]) -> np.ndarray:
+    """:func:`warp_affine` followed by :func:`warp_elastic` as one bilinear resampling of ``(C, H, W)`` float32.
+
+    Output pixel (r, c) takes the input at ``M^-1 (reflect(c + dcol), reflect(r + drow))``: the elastic stage
+    reflects its sample positions at the border as :func:`warp_elastic` does (``mode='reflect'``; a position in the
+    half-pixel band beyond the first or last pixel centre reads the edge pixel, so it is clamped), and the affine
+    stage fills positions outside the input with ``border_values`` (one per channel) as :func:`warp_affine` does.
+    The geometry is that of the two stages; the image is interpolated once instead of twice (less blur), with
+    ``cv2.remap`` (bilinear weights quantised to 1/32 pixel, as in ``cv2.warpAffine``). About 4x faster than the
+    two stages on 256x256 (map_coordinates is the slow part).
+
+    Args:
+        channels: ``(C, H, W)`` float32.
+        matrix: forward 2x3 affine matrix of :func:`affine_matrix`, or ``None`` for no affine step.
+        drow, dcol: ``(H, W)`` displacement fields in pixels (:func:`elastic_field`), or ``None`` for none.
+        border_values: fill value per channel outside the input.
+
+    Returns:
+        ``(C, H, W)`` float32.
+    """
+    c, h, w = channels.shape
+    rows, cols = _pixel_grid(h, w)
+    if drow is not None:
+        rows = _elastic_positions(rows + drow, h)
+        cols = _elastic_positions(cols + dcol, w)
+    if matrix is not None:
+        inv = cv2.invertAffineTransform(np.asarray(matrix, dtype=np.float64))
+        cols, rows = (inv[0, 0] * cols + inv[0, 1] * rows + inv[0, 2],
+                      inv[1, 0] * cols + inv[1, 1] * rows + inv[1, 2])
+    map_x, map_y = cols.astype(np.float32), rows.astype(np.float32)
+    out = np.empty_like(channels)
+    hwc = np.ascontiguousarray(channels.transpose(1, 2, 0))
+    for start in range(0, c, 4):  # cv2 border values hold up to 4 channels
+        part = hwc[:, :, start:start + 4]
+        fill = [float(v) for v in border_values[start:start + 4]] + [0.0] * 4
+        warped = cv2.remap(np.ascontiguousarray(part), map_x, map_y, interpolation=cv2.INTER_LINEAR,
+                           borderMode=cv2.BORDER_CONSTANT, borderValue=tuple(fill[:4]))
+        out[start:start + part.shape[2]] = warped.reshape(h, w, -1).transpose(2, 0, 1)
+    return out
+
+
 # -------------------------------------------------------------------- gamma
 def gamma_transform(image: np.ndarray, gamma: float) -> np.ndarray:
     """``min + range * ((x - min) / range) ** gamma``: min and max stay where they were (constant image unchanged).
@@ -269,6 +346,8 @@ def augment(image: np.ndarray, label: np.ndarray, params: AugParams, rng: np.ran
         stack = stack.transpose(0, 2, 1)
     stack = np.ascontiguousarray(stack)
 
+    matrix, drow, dcol = None, None, None
+    fill = float(stack[0].min()) if params.border_fill == "min" else 0.0
     if params.has_affine:
         rot = rng.uniform(-params.rotate_deg, params.rotate_deg)
         tx = rng.uniform(-params.shift_px, params.shift_px)
@@ -276,13 +355,16 @@ def augment(image: np.ndarray, label: np.ndarray, params: AugParams, rng: np.ran
         shear = rng.uniform(-params.shear_deg, params.shear_deg)
         zoom = rng.uniform(params.scale[0], params.scale[1])
         matrix = affine_matrix(stack.shape[1:], rot, tx, ty, shear, zoom, parity=params.parity)
-        fill = float(stack[0].min()) if params.border_fill == "min" else 0.0
-        stack = warp_affine(stack, matrix, [fill] + [0.0] * n_classes)
+        if params.parity:  # the original resamples twice: affine now, elastic below
+            stack = warp_affine(stack, matrix, [fill] + [0.0] * n_classes)
 
     if params.elastic_alpha:
         drow, dcol = elastic_field(stack.shape[1:], params.elastic_alpha, params.elastic_sigma,
                                    params.elastic_kernel, rng, parity=params.parity)
-        stack = warp_elastic(stack, drow, dcol)
+        if params.parity:
+            stack = warp_elastic(stack, drow, dcol)
+    if not params.parity and (matrix is not None or drow is not None):
+        stack = warp_composed(stack, matrix, drow, dcol, [fill] + [0.0] * n_classes)
 
     out_label = np.argmax(np.rint(stack[1:]), axis=0).astype(np.int64)
     out_image = stack[0]

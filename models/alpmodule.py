@@ -28,8 +28,8 @@ With one shot both rules give the same prototype. Background ``gridconv`` local 
 shots under either rule.
 
 Scoring: prototypes and query features are L2-normalised (norms clamped at >= 1e-4), d_k(x) = 20 cos(q(x), p_k)
-is computed as a 1x1 conv, and the score is S(x) = sum_k softmax_k(d(x)) d_k(x) (grid modes) or S(x) = d_1(x)
-(``mask``; the same formula with K = 1).
+is computed as one matmul (the original's 1x1 conv), and the score is S(x) = sum_k softmax_k(d(x)) d_k(x) (grid
+modes) or S(x) = d_1(x) (``mask``; the same formula with K = 1).
 """
 
 from __future__ import annotations
@@ -233,7 +233,7 @@ def safe_normalize(x: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def similarity(query: torch.Tensor, prototypes: Prototypes | torch.Tensor) -> torch.Tensor:
-    """Scaled cosine similarity d_k(x) = 20 cos(q(x), p_k), as a 1x1 conv.
+    """Scaled cosine similarity d_k(x) = 20 cos(q(x), p_k) (the original's 1x1 conv, computed as one matmul).
 
     Args:
         query: (N, C, h, w) query features.
@@ -243,12 +243,28 @@ def similarity(query: torch.Tensor, prototypes: Prototypes | torch.Tensor) -> to
         (N, K, h, w) similarities.
     """
     vectors = prototypes.vectors if isinstance(prototypes, Prototypes) else prototypes
+    _check_scoring(query, vectors)
+    return _cosine(safe_normalize(query, dim=1), vectors)
+
+
+def _check_scoring(query: torch.Tensor, vectors: torch.Tensor) -> None:
     if query.dim() != 4 or vectors.dim() != 2 or vectors.shape[1] != query.shape[1]:
         raise ValueError(f"query (N, C, h, w) {tuple(query.shape)} and prototypes (K, C) {tuple(vectors.shape)}")
     if vectors.shape[0] == 0:
         raise ValueError("no prototypes to score against")
-    weight = safe_normalize(vectors, dim=1)[:, :, None, None]  # (K, C, 1, 1)
-    return F.conv2d(safe_normalize(query, dim=1), weight) * SCALE
+
+
+def _cosine(query_unit: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    """20 cos between L2-normalised query features (N, C, h, w) and prototypes (K, C) -> (N, K, h, w)."""
+    weight = safe_normalize(vectors, dim=1)  # (K, C)
+    return (weight @ query_unit.flatten(2)).unflatten(2, query_unit.shape[2:]) * SCALE
+
+
+def _reduce(dists: torch.Tensor, mode: PrototypeMode) -> torch.Tensor:
+    """(N, K, h, w) similarities of one class -> (N, h, w): sum_k softmax_k(d) d_k in grid modes, d_1 in ``mask``."""
+    if mode == "mask":
+        return dists[:, 0]
+    return (F.softmax(dists, dim=1) * dists).sum(dim=1)
 
 
 def score(query: torch.Tensor, prototypes: Prototypes) -> torch.Tensor:
@@ -261,7 +277,24 @@ def score(query: torch.Tensor, prototypes: Prototypes) -> torch.Tensor:
     Returns:
         (N, h, w) scores: sum_k softmax_k(d) d_k in grid modes, d_1 in ``mask`` mode.
     """
-    dists = similarity(query, prototypes)  # (N, K, h, w)
-    if prototypes.mode == "mask":
-        return dists[:, 0]
-    return (F.softmax(dists, dim=1) * dists).sum(dim=1)
+    return _reduce(similarity(query, prototypes), prototypes.mode)
+
+
+def score_classes(query: torch.Tensor, classes: list[Prototypes]) -> torch.Tensor:
+    """Score maps of several classes at once: ``torch.stack([score(query, p) for p in classes], dim=1)``.
+
+    The query is normalised once and all prototypes are compared in one matmul (the same values as the loop, in
+    fewer operations: the training step's background/foreground pair and its alignment-loss pair use it).
+
+    Args:
+        query: (N, C, h, w) query features.
+        classes: one :class:`Prototypes` per class.
+
+    Returns:
+        (N, len(classes), h, w) scores.
+    """
+    for protos in classes:
+        _check_scoring(query, protos.vectors)
+    dists = _cosine(safe_normalize(query, dim=1), torch.cat([p.vectors for p in classes], dim=0))
+    parts = dists.split([p.vectors.shape[0] for p in classes], dim=1)
+    return torch.stack([_reduce(d, p.mode) for d, p in zip(parts, classes)], dim=1)

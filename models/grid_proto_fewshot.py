@@ -33,7 +33,7 @@ from models.alpmodule import (
     Prototypes,
     compute_prototypes,
     resize_mask,
-    score,
+    score_classes,
 )
 from models.backbone import BackboneName, Encoder, EncoderInit
 from models.losses import alignment_ce, support_labels
@@ -211,7 +211,7 @@ class FewShotSeg(nn.Module):
     @staticmethod
     def score_small(feats: torch.Tensor, protos: EpisodePrototypes) -> torch.Tensor:
         """[S_bg, S_fg] at feature size: (N, C, h, w) -> (N, 2, h, w)."""
-        return torch.stack([score(feats, protos.bg), score(feats, protos.fg)], dim=1)
+        return score_classes(feats, [protos.bg, protos.fg])
 
     def segment_with_prototypes(
         self, qry_feats: torch.Tensor, protos: EpisodePrototypes, out_size: tuple[int, int]

@@ -6,8 +6,10 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from models.alpmodule import (
+    SCALE,
     EmptyMaskError,
     Prototypes,
     compute_prototypes,
@@ -15,7 +17,9 @@ from models.alpmodule import (
     global_prototype,
     local_prototypes,
     resize_mask,
+    safe_normalize,
     score,
+    score_classes,
     similarity,
 )
 
@@ -285,3 +289,16 @@ def test_background_locals_collected_over_shots(two_shots):
         # window 1: BG pixels are the 3 of shot 2 with features (0, 0); shot 1 has none
         assert (bg.mode, bg.n_local) == ("gridconv", 3)
         torch.testing.assert_close(bg.vectors, torch.zeros(3, 2))
+
+
+def test_score_classes_equals_one_score_per_class_and_the_1x1_conv() -> None:
+    """The shared-normalisation scoring gives the per-class scores, and the matmul similarity the 1x1 conv."""
+    gen = torch.Generator().manual_seed(5)
+    query = torch.randn(3, 16, 6, 7, generator=gen, dtype=torch.float64)
+    bg = Prototypes(torch.randn(5, 16, generator=gen, dtype=torch.float64), "gridconv", 5)
+    fg = Prototypes(torch.randn(1, 16, generator=gen, dtype=torch.float64), "mask", 0)
+    both = score_classes(query, [bg, fg])
+    assert both.shape == (3, 2, 6, 7)
+    assert torch.allclose(both, torch.stack([score(query, bg), score(query, fg)], dim=1), rtol=0, atol=1e-12)
+    conv = F.conv2d(safe_normalize(query, 1), safe_normalize(bg.vectors, 1)[:, :, None, None]) * SCALE
+    assert torch.allclose(similarity(query, bg), conv, rtol=0, atol=1e-12)

@@ -230,3 +230,33 @@ def test_parity_gamma_and_elastic_fields_by_hand() -> None:
     assert p_row.dtype == p_col.dtype == np.float32 and d_row.dtype == np.float64
     np.testing.assert_array_equal(p_col, d_row.astype(np.float32))
     np.testing.assert_array_equal(p_row, d_col.astype(np.float32))
+
+
+def test_composed_warp_matches_the_two_stages() -> None:
+    """The default one-resampling warp = affine then elastic: exact when either stage is alone (up to cv2's 1/32-px
+    bilinear weights), and within interpolation blur when both run; sample positions far outside reflect like
+    scipy's mode='reflect'."""
+    from dataloaders.augmentations import (
+        affine_matrix,
+        elastic_field,
+        reflect_coords,
+        warp_affine,
+        warp_composed,
+        warp_elastic,
+    )
+
+    yy, xx = np.mgrid[0:96, 0:80]
+    image = (np.sin(xx / 7.0) + np.cos(yy / 11.0)).astype(np.float32)
+    disc = ((xx - 40) ** 2 + (yy - 50) ** 2 < 20 ** 2)
+    stack = np.stack([image, ~disc, disc]).astype(np.float32)
+    matrix = affine_matrix((96, 80), 4.0, 3.0, -2.0, 3.0, 1.1)
+    drow, dcol = elastic_field((96, 80), 30.0, 5.0, 21, np.random.default_rng(3))  # reaches past the border
+    assert np.abs(warp_composed(stack, None, drow, dcol, [0, 0, 0]) - warp_elastic(stack, drow, dcol)).max() < 1e-4
+    fill = [-1.5, 0.0, 0.0]
+    assert np.abs(warp_composed(stack, matrix, None, None, fill) - warp_affine(stack, matrix, fill)).max() < 1e-4
+    both = warp_composed(stack, matrix, drow / 3, dcol / 3, fill)
+    two = warp_elastic(warp_affine(stack, matrix, fill), drow / 3, dcol / 3)
+    assert np.abs(both - two).mean() < 5e-3
+    assert (np.argmax(np.rint(both[1:]), 0) != np.argmax(np.rint(two[1:]), 0)).mean() < 0.01
+    assert np.allclose(reflect_coords(np.array([-0.3, -1.2, -2.5, 5.3, 6.4, 7.5, 13.0, -13.0]), 6),
+                       [-0.3, 0.2, 1.5, 5.3, 4.6, 3.5, 1.0, 0.0])  # period 12: 13 -> 1, -13 -> -1 -> 0
