@@ -56,6 +56,7 @@ from data_preprocessing.geometry import (
 from data_preprocessing.verify import RawDataError
 from dataloaders import niftiio
 from dataloaders.normalization import Normalizer, fit_normalizer
+from models.backbone import BACKBONES
 from models.grid_proto_fewshot import FewShotSeg
 from prediction.report import write_overlay, write_report
 from prediction.volume import segment_volume
@@ -69,7 +70,7 @@ from util.run_setup import ConfigError
 RULE = ("EP2 (util.protocol.ep2_segment_class): support slices at the chunk centres of each support organ; the "
         "organ's z-range in the query estimated from the supports' relative extent within the body; every query "
         "slice segmented; largest 3D connected component per class")
-MODEL_NAMES = ("dlfcn_res101", "dlfcn_res50", "lite_gn")
+MODEL_NAMES = BACKBONES  # dlfcn_res101, dlfcn_res50, lite_gn, lite_gn_s
 # Body mask of a processed scan: voxels above the registry's default body threshold of the modality
 # (dataloaders.dataset_info: 1e-4 for CT in 0..255, air at 0; 50.0001 for MR, CHAOS's rule). Only the body's
 # z-extent is used (util.protocol.body_z_range).

@@ -146,6 +146,27 @@ def train_step(model: torch.nn.Module, batch: dict[str, Any], optimizer: torch.o
     return terms
 
 
+OPTIMIZERS = ("sgd", "adamw")
+
+
+def build_optimizer(model: torch.nn.Module, optim_type: str, optim: dict) -> torch.optim.Optimizer:
+    """The run's optimiser from the config keys ``optim_type`` and ``optim``.
+
+    * ``sgd`` (the paper's, SPEC 7): SGD with ``optim.lr``, ``optim.momentum`` and ``optim.weight_decay``.
+    * ``adamw``: AdamW (Loshchilov & Hutter, ICLR 2019) with ``optim.lr`` and decoupled ``optim.weight_decay``
+      (``optim.momentum`` is not used; betas are torch's defaults 0.9, 0.999).
+
+    Raises:
+        ConfigError: unknown ``optim_type``.
+    """
+    if optim_type == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=optim["lr"], momentum=optim["momentum"],
+                               weight_decay=optim["weight_decay"])
+    if optim_type == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=optim["lr"], weight_decay=optim["weight_decay"])
+    raise ConfigError(f"optim_type={optim_type!r}: choose one of {OPTIMIZERS} ('sgd' is the paper's)")
+
+
 @ex.main
 def train(_run, _config: dict, _log, seed: int, n_steps: int, batch_size: int, num_workers: int, optim: dict,
          lr_milestones: list, lr_step_gamma: float, save_snapshot_every: int, print_interval: int, amp: str,
@@ -181,10 +202,7 @@ def train(_run, _config: dict, _log, seed: int, n_steps: int, batch_size: int, n
 
     model = build_model(_config, device, for_training=True)
     model.allow_empty_support = episode_sampling == "legacy"  # Q2 parity: empty-FG episodes are trained on
-    if optim_type != "sgd":
-        raise ValueError(f"optim_type={optim_type!r}: only 'sgd' (the paper's optimiser) is implemented")
-    optimizer = torch.optim.SGD(model.parameters(), lr=optim["lr"], momentum=optim["momentum"],
-                                weight_decay=optim["weight_decay"])
+    optimizer = build_optimizer(model, optim_type, optim)
     scheduler = build_scheduler(optimizer, _config["lr_schedule"], n_steps, lr_milestones, lr_step_gamma)
     scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
 

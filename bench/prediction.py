@@ -61,7 +61,7 @@ def measure_predict(backbone: str, n_slices: int = 200, size: int = 512, support
     """Seconds and peak RSS of ``predict.py`` on one synthetic CT query (module docstring).
 
     Args:
-        backbone: ``lite_gn`` (the demo's) or ``dlfcn_res101`` (the paper's), random init.
+        backbone: ``lite_gn_s`` (the demo's), ``lite_gn`` or ``dlfcn_res101`` (the paper's), random init.
         n_slices, size: the query's slices and in-plane size (512x512x200 for the issue's figure).
         support_slices: the support scan's slices (same in-plane grid).
         device: ``--device`` of predict.py.

@@ -30,7 +30,7 @@ import numpy as np
 from bench.measure import BenchError, cpu_count, environment, load_average, run_isolated, summary, time_repeated
 
 # name -> (backbone, input size): the paper's configuration and the CPU demo's (config_ssl_upload.demo)
-MODELS: dict[str, tuple[str, int]] = {"paper": ("dlfcn_res101", 256), "demo": ("lite_gn", 256)}
+MODELS: dict[str, tuple[str, int]] = {"paper": ("dlfcn_res101", 256), "demo": ("lite_gn_s", 256)}  # the demo config's
 
 
 @dataclass

@@ -10,7 +10,7 @@ Backbones (``name``):
   i.e. ResNet-101 with ``replace_stride_with_dilation=[False, True, True]`` wrapped in an ``IntermediateLayerGetter``
   that returns layer4 (2048 channels, output stride 8); 42.50 M parameters.
 * ``dlfcn_res50``: the same with ResNet-50 (23.51 M).
-* ``lite_gn``: a small GroupNorm CNN for CPU demos, no pretrained weights (see :class:`LiteGNBackbone`).
+* ``lite_gn``, ``lite_gn_s``: small GroupNorm CNNs for CPU demos, no pretrained weights (see :class:`LiteGNBackbone`).
 
 ``localconv`` is a 1x1 conv (C -> 256) without bias and without BN/ReLU after it (default PyTorch init), so for a
 256x256 input the encoder returns 256x32x32 features.
@@ -41,7 +41,8 @@ from torchvision.models.segmentation.deeplabv3 import ASPP
 
 from models.weights import fetch_pretrained, load_encoder_weights
 
-BackboneName = Literal["dlfcn_res101", "dlfcn_res50", "lite_gn"]
+BackboneName = Literal["dlfcn_res101", "dlfcn_res50", "lite_gn", "lite_gn_s"]
+LITE_NAMES = ("lite_gn", "lite_gn_s")
 EncoderInit = Literal["coco", "imagenet", "none"]
 FEATURE_CHANNELS = 256  # output channels of localconv
 OUTPUT_STRIDE = 8
@@ -61,7 +62,7 @@ _RESNETS: dict[str, tuple[Callable[..., nn.Module], object, object, str]] = {
         "ResNet50",
     ),
 }
-BACKBONES: tuple[str, ...] = (*_RESNETS, "lite_gn")
+BACKBONES: tuple[str, ...] = (*_RESNETS, *LITE_NAMES)
 
 _WAYS_OUT = (
     "  - or pass a local weights file: backbone_weights=<local file> (Encoder weights_path=...);\n"
@@ -100,36 +101,42 @@ class _ResidualGN(nn.Module):
 
 
 class LiteGNBackbone(nn.Module):
-    """~1 M-parameter GroupNorm CNN with output stride 8 and 128 output channels, for CPU demos.
+    """Small GroupNorm CNN with output stride 8, for CPU demos (``lite_gn``: ~1 M parameters, 128 channels).
 
-    Architecture (input N x 3 x H x W; every conv 3x3 without bias, followed by GroupNorm(8) + ReLU)::
+    Architecture (input N x 3 x H x W; every conv 3x3 without bias, followed by GroupNorm(8) + ReLU), with the
+    widths ``(s1, s2, c)`` = (32, 48, 128) for ``lite_gn`` and (24, 32, 96) for ``lite_gn_s``::
 
-        stem   conv 3->32  stride 2                          H/2
-               conv 32->48 stride 2                          H/4
-               residual block 48 (2 convs)                   H/4
-        down   conv 48->128 stride 2                         H/8
-        body   residual block 128, dilation 1                H/8
-               residual block 128, dilation 2                H/8
-               residual block 128, dilation 4                H/8   -> N x 128 x H/8 x W/8
+        stem   conv 3->s1  stride 2                          H/2
+               conv s1->s2 stride 2                          H/4
+               residual block s2 (2 convs)                   H/4
+        down   conv s2->c stride 2                           H/8
+        body   residual block c, dilation 1                  H/8
+               residual block c, dilation 2                  H/8
+               residual block c, dilation 4                  H/8   -> N x c x H/8 x W/8
 
-    Almost all parameters (and FLOPs) sit at H/8, where a 256x256 input gives the paper's 32x32 feature map; the
+    Most parameters and FLOPs sit at H/8, where a 256x256 input gives the paper's 32x32 feature map; the
     dilations 1/2/4 give a receptive field of about 150 px. GroupNorm (not BatchNorm) makes the features
     independent of the batch, so support and query encoded together or apart give the same result. Convs use
     Kaiming-normal (fan_out) init, norms weight 1 / bias 0, and the last GroupNorm of each residual block starts at
     weight 0 (each block starts as identity), which helps training from scratch.
+
+    ``lite_gn_s`` (the demo's since issue 12) has the same depth and receptive field at 0.55 M parameters; a
+    forward and backward pass on two 256x256 slices takes about 0.6x the time of ``lite_gn``'s on the 2-core CPU
+    (0.57x-0.63x in two runs, docs/demo.md).
     """
 
-    out_channels = 128
-
-    def __init__(self, groups: int = 8) -> None:
+    def __init__(self, widths: tuple[int, int, int] = (32, 48, 128), dilations: tuple[int, ...] = (1, 2, 4),
+                 groups: int = 8) -> None:
         super().__init__()
+        s1, s2, c = widths
+        self.out_channels = c
         self.stem = nn.Sequential(
-            _conv_gn_relu(3, 32, stride=2, groups=groups),
-            _conv_gn_relu(32, 48, stride=2, groups=groups),
-            _ResidualGN(48, groups=groups),
+            _conv_gn_relu(3, s1, stride=2, groups=groups),
+            _conv_gn_relu(s1, s2, stride=2, groups=groups),
+            _ResidualGN(s2, groups=groups),
         )
-        self.down = _conv_gn_relu(48, self.out_channels, stride=2, groups=groups)
-        self.body = nn.Sequential(*[_ResidualGN(self.out_channels, d, groups) for d in (1, 2, 4)])
+        self.down = _conv_gn_relu(s2, c, stride=2, groups=groups)
+        self.body = nn.Sequential(*[_ResidualGN(c, d, groups) for d in dilations])
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
@@ -141,8 +148,12 @@ class LiteGNBackbone(nn.Module):
                 nn.init.zeros_(module.gn2.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (N, 3, H, W) -> (N, 128, ceil(H/8), ceil(W/8))."""
+        """x: (N, 3, H, W) -> (N, c, ceil(H/8), ceil(W/8))."""
         return self.body(self.down(self.stem(x)))
+
+
+#: widths (s1, s2, c) of the light backbones (see :class:`LiteGNBackbone`)
+LITE_WIDTHS: dict[str, tuple[int, int, int]] = {"lite_gn": (32, 48, 128), "lite_gn_s": (24, 32, 96)}
 
 
 # ----------------------------------------------------------------------------------------------- unused ASPP (Q7)
@@ -169,9 +180,9 @@ class Encoder(nn.Module):
     """Trunk + 1x1 projection: images (N, 3, H, W) -> features (N, 256, H/8, W/8).
 
     Args:
-        name: Backbone, one of ``dlfcn_res101`` (paper), ``dlfcn_res50``, ``lite_gn``.
+        name: Backbone, one of ``dlfcn_res101`` (paper), ``dlfcn_res50``, ``lite_gn``, ``lite_gn_s`` (CPU demos).
         init: ``coco`` (torchvision COCO DeepLabV3 weights), ``imagenet`` (ResNet ImageNet weights) or ``none``
-            (random init, no network access). ``lite_gn`` only supports ``none``.
+            (random init, no network access). ``lite_gn`` and ``lite_gn_s`` only support ``none``.
         weights_path: Local weights file loaded instead of ``init``'s pretrained file (any ``init``); layouts: a
             torchvision DeepLabV3 state dict, a plain backbone state dict, or an original SSL-ALPNet checkpoint (the
             latter also sets ``localconv``).
@@ -184,7 +195,7 @@ class Encoder(nn.Module):
         init_source: Where the trunk weights came from (for logs and checkpoints).
 
     Raises:
-        ValueError: unknown backbone, or pretrained init requested for ``lite_gn``.
+        ValueError: unknown backbone, or pretrained init requested for a ``lite_gn*`` backbone.
         models.weights.PretrainedWeightsUnavailable: pretrained weights neither cached nor downloadable.
         models.weights.StateDictMismatchError: ``weights_path`` does not fit the backbone.
     """
@@ -203,16 +214,16 @@ class Encoder(nn.Module):
             raise ValueError(f"unknown encoder init {init!r}; choose 'coco', 'imagenet' or 'none'")
         self.name = name
         pretrained_file = None
-        if name == "lite_gn":
+        if name in LITE_WIDTHS:
             if init != "none":
                 raise ValueError(
-                    f"backbone 'lite_gn' has no pretrained weights (init={init!r}); use init='none' "
+                    f"backbone {name!r} has no pretrained weights (init={init!r}); use init='none' "
                     "(use_coco_init=False) or pass a local file as weights_path"
                 )
             if build_unused_aspp:
                 raise ValueError("build_unused_aspp only applies to the ResNet backbones (2048-channel trunk)")
-            self.backbone: nn.Module = LiteGNBackbone()
-            trunk_channels = LiteGNBackbone.out_channels
+            self.backbone: nn.Module = LiteGNBackbone(LITE_WIDTHS[name])
+            trunk_channels = self.backbone.out_channels
         else:
             builder, coco, imagenet, arch = _RESNETS[name]
             if weights_path is None and init != "none":

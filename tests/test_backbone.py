@@ -66,6 +66,23 @@ def test_lite_gn_architecture_and_shapes():
         enc(torch.randn(1, 1, 64, 64))
 
 
+def test_lite_gn_s_is_lite_gn_narrower() -> None:
+    """The demo's backbone: widths (24, 32, 96), same layers, dilations and output stride; parameters by hand."""
+    enc = Encoder("lite_gn_s", init="none")
+    assert isinstance(enc.backbone, LiteGNBackbone) and enc.backbone.out_channels == 96
+    big = Encoder("lite_gn", init="none")
+    assert [type(m) for m in enc.backbone.modules()] == [type(m) for m in big.backbone.modules()]
+    assert [m.conv1.dilation for m in enc.backbone.body] == [(1, 1), (2, 2), (4, 4)]
+    # 3x3 convs: 3*24 + 24*32 + 2*32*32 + 32*96 + 6*96*96 weights (x9); GroupNorms: 2 per channel
+    convs = 9 * (3 * 24 + 24 * 32 + 2 * 32 * 32 + 32 * 96 + 6 * 96 * 96)
+    norms = 2 * (24 + 32 + 2 * 32 + 96 + 6 * 96)
+    assert _n_params(enc.backbone) == convs + norms == 552_888
+    assert _n_params(enc.localconv) == 96 * 256
+    assert enc(torch.randn(2, 3, 64, 64)).shape == (2, 256, 8, 8)
+    with pytest.raises(ValueError, match="'lite_gn_s' has no pretrained weights"):
+        Encoder("lite_gn_s", init="coco")
+
+
 def test_lite_gn_rejects_pretrained_init_and_aspp():
     for init in ("coco", "imagenet"):
         with pytest.raises(ValueError, match="no pretrained weights"):
