@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 # for lite_gn and the step schedule (the demo config's until issue 12), so TINY pins both.
 TINY = ["input_size=(64, 64)", "feature_hw=[8, 8]", "proto_grid_size=2", "val_wsize=2", "num_workers=0",
         "eval_fold=2", "n_steps=4", "lr_milestones=[2]", "save_snapshot_every=2", "print_interval=2",
-        "eval_batch_size=4", "use_file_observer=False", "modelname=lite_gn", "lr_schedule=step"]
+        "eval_batch_size=4", "modelname=lite_gn", "lr_schedule=step", "use_file_observer=False"]
 # Smaller input (the 64x64 slices are cropped to 32x32) for the tests that train 20 steps.
 TINY32 = [*TINY[2:], "input_size=(32, 32)", "feature_hw=[4, 4]"]
 

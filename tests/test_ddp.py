@@ -22,7 +22,8 @@ from util.checkpoint import load_checkpoint
 from util.run_setup import state_checksums
 
 REPO = Path(__file__).resolve().parent.parent
-TINY = ["input_size=[64,64]", "feature_hw=[8,8]", "proto_grid_size=2", "num_workers=0", "eval_fold=2", "n_steps=4",
+TINY = ["modelname=lite_gn", "lr_schedule=step",
+        "input_size=[64,64]", "feature_hw=[8,8]", "proto_grid_size=2", "num_workers=0", "eval_fold=2", "n_steps=4",
         "lr_milestones=[2]", "save_snapshot_every=2", "print_interval=2", "use_file_observer=False"]
 
 

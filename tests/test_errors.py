@@ -152,6 +152,7 @@ def trained(tiny_phantom: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     """A 2-step demo checkpoint on the tiny phantom."""
     run_dir = tmp_path_factory.mktemp("trained")
     ex.run("train", named_configs=["demo"], options={"--unobserved": True}, config_updates={
+        "modelname": "lite_gn", "lr_schedule": "step",
         "input_size": (64, 64), "feature_hw": [8, 8], "proto_grid_size": 2, "num_workers": 0, "eval_fold": 2,
         "n_steps": 2, "lr_milestones": [1], "save_snapshot_every": 2, "data_dir": str(tiny_phantom),
         "run_dir": str(run_dir)})
@@ -250,6 +251,7 @@ def test_unexpected_errors_keep_their_traceback(tiny_phantom: Path, tmp_path: Pa
     with pytest.raises(RuntimeError, match="a bug in the step"):  # in-process runs raise the real exception
         ex.run("train", named_configs=["demo"], options={"--unobserved": True}, config_updates={
             "data_dir": str(tiny_phantom), "run_dir": str(tmp_path / "run2"), "num_workers": 0,
+            "modelname": "lite_gn", "lr_schedule": "step",
             "input_size": (64, 64), "feature_hw": [8, 8], "proto_grid_size": 2, "eval_fold": 2})
 
 

@@ -165,6 +165,7 @@ def test_unlabelled_prepare_trains(tiny_phantom: Path, tmp_path: Path) -> None:
     assert scans["scans"]["3"]["name"] == "DICOM_anon" and scans["scans"]["3"]["label"] is None
     run_dir = tmp_path / "run"
     updates = {"dataset": str(out / "dataset.json5"), "data_dir": str(out), "run_dir": str(run_dir),
+               "modelname": "lite_gn", "lr_schedule": "step",
                "input_size": (64, 64), "feature_hw": [8, 8], "proto_grid_size": 2, "num_workers": 0, "n_steps": 2,
                "lr_milestones": [1], "save_snapshot_every": 2, "print_interval": 1, "eval_classes": None}
     result = ex.run("train", named_configs=["demo"], config_updates=updates, options={"--unobserved": True})

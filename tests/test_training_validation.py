@@ -18,6 +18,7 @@ from dataloaders.dataset_info import DatasetDescriptionError
 from util.checkpoint import load_checkpoint
 
 TINY = {
+    "modelname": "lite_gn", "lr_schedule": "step",
     "input_size": (64, 64), "feature_hw": [8, 8], "proto_grid_size": 2, "val_wsize": 2, "num_workers": 0,
     "eval_fold": 2, "n_steps": 4, "lr_milestones": [2], "save_snapshot_every": 2, "print_interval": 2,
     "eval_batch_size": 4,

@@ -21,6 +21,7 @@ from util.checkpoint import load_checkpoint
 from util.run_setup import ConfigError, build_model
 
 TINY = {
+    "modelname": "lite_gn", "lr_schedule": "step", "lr_step_gamma": 0.1,
     "input_size": (64, 64), "feature_hw": [8, 8], "proto_grid_size": 2, "val_wsize": 2, "num_workers": 0,
     "eval_fold": 2, "n_steps": 4, "lr_milestones": [2], "save_snapshot_every": 2, "print_interval": 2,
     "eval_batch_size": 4, "save_predictions": False,

@@ -16,6 +16,7 @@ from models.grid_proto_fewshot import FewShotSeg
 from util.run_setup import ConfigError
 
 TINY = {
+    "modelname": "lite_gn", "lr_schedule": "step",
     "input_size": (64, 64), "feature_hw": [8, 8], "proto_grid_size": 2, "val_wsize": 2, "num_workers": 0,
     "eval_fold": 2, "eval_batch_size": 4,
 }
