@@ -70,7 +70,6 @@ from util.run_setup import ConfigError
 RULE = ("EP2 (util.protocol.ep2_segment_class): support slices at the chunk centres of each support organ; the "
         "organ's z-range in the query estimated from the supports' relative extent within the body; every query "
         "slice segmented; largest 3D connected component per class")
-MODEL_NAMES = BACKBONES  # dlfcn_res101, dlfcn_res50, lite_gn, lite_gn_s
 # Body mask of a processed scan: voxels above the registry's default body threshold of the modality
 # (dataloaders.dataset_info: 1e-4 for CT in 0..255, air at 0; 50.0001 for MR, CHAOS's rule). Only the body's
 # z-extent is used (util.protocol.body_z_range).
@@ -109,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spacing", type=float, default=None, help="in-plane spacing in mm")
     p.add_argument("--size", type=int, default=None, help="in-plane size of the processed grid (voxels)")
     p.add_argument("--window", type=float, nargs=2, default=None, metavar=("LO", "HI"), help="CT window in HU")
-    p.add_argument("--modelname", choices=MODEL_NAMES, default=None, help="backbone of a plain state dict")
+    p.add_argument("--modelname", choices=BACKBONES, default=None, help="backbone of a plain state dict")
     p.add_argument("--body-threshold", type=float, default=None, help="body mask threshold on the processed image "
                    "(default: CT 1e-4, MR 50.0001, the registry's; only the body's z-extent is used)")
     return p
@@ -170,7 +169,7 @@ def build_model(ckpt: dict[str, Any], args: argparse.Namespace, device: torch.de
     cfg = ckpt.get("config") or {}
     name = cfg.get("modelname")
     if name is None and args.modelname is None:
-        raise ConfigError(f"{args.checkpoint} is a plain state dict: pass --modelname ({', '.join(MODEL_NAMES)})")
+        raise ConfigError(f"{args.checkpoint} is a plain state dict: pass --modelname ({', '.join(BACKBONES)})")
     if name is not None and args.modelname is not None and args.modelname != name:
         raise ConfigError(f"{args.checkpoint} was trained with modelname={name!r}, not --modelname {args.modelname}")
     kwargs: dict[str, Any] = {"backbone": name or args.modelname, "init": "none",

@@ -42,7 +42,8 @@ from torchvision.models.segmentation.deeplabv3 import ASPP
 from models.weights import fetch_pretrained, load_encoder_weights
 
 BackboneName = Literal["dlfcn_res101", "dlfcn_res50", "lite_gn", "lite_gn_s"]
-LITE_NAMES = ("lite_gn", "lite_gn_s")
+#: widths (s1, s2, c) of the light CPU backbones (see :class:`LiteGNBackbone`)
+LITE_WIDTHS: dict[str, tuple[int, int, int]] = {"lite_gn": (32, 48, 128), "lite_gn_s": (24, 32, 96)}
 EncoderInit = Literal["coco", "imagenet", "none"]
 FEATURE_CHANNELS = 256  # output channels of localconv
 OUTPUT_STRIDE = 8
@@ -62,7 +63,7 @@ _RESNETS: dict[str, tuple[Callable[..., nn.Module], object, object, str]] = {
         "ResNet50",
     ),
 }
-BACKBONES: tuple[str, ...] = (*_RESNETS, *LITE_NAMES)
+BACKBONES: tuple[str, ...] = (*_RESNETS, *LITE_WIDTHS)
 
 _WAYS_OUT = (
     "  - or pass a local weights file: backbone_weights=<local file> (Encoder weights_path=...);\n"
@@ -150,10 +151,6 @@ class LiteGNBackbone(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (N, 3, H, W) -> (N, c, ceil(H/8), ceil(W/8))."""
         return self.body(self.down(self.stem(x)))
-
-
-#: widths (s1, s2, c) of the light backbones (see :class:`LiteGNBackbone`)
-LITE_WIDTHS: dict[str, tuple[int, int, int]] = {"lite_gn": (32, 48, 128), "lite_gn_s": (24, 32, 96)}
 
 
 # ----------------------------------------------------------------------------------------------- unused ASPP (Q7)

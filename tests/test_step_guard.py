@@ -59,7 +59,7 @@ def test_run_losses_equal_the_step_before_the_change(tiny_phantom: Path, tmp_pat
     import training
 
     caplog.set_level(logging.INFO)
-    logs = {}
+    logs, texts = {}, {}
     for name in ("legacy", "now"):
         with monkeypatch.context() as patch:
             if name == "legacy":
@@ -68,15 +68,18 @@ def test_run_losses_equal_the_step_before_the_change(tiny_phantom: Path, tmp_pat
             run_dir = tmp_path / name
             assert cli("training.py", [*TINY, f"data_dir={tiny_phantom}", f"run_dir={run_dir}", *updates]) == 0
             logs[name] = json.loads((run_dir / "train_log.json").read_text())
+            texts[name] = caplog.text
     _assert_log_equal(logs["now"], logs["legacy"])
     assert sum(math.isnan(v) for v in logs["now"]["loss"]) == skipped
     if not skipped:
         assert min(logs["now"]["align_loss"]) == 0.0 < max(logs["now"]["align_loss"])  # both paths of the step
-    reports = re.findall(r"step (\d+): non-finite loss nan, update skipped \(episodes: scan \[(\d)\], slice \[(\d+)\], "
-                         r"superpixel \[(\d+)\]\)", caplog.text)
+    skip = (r"step (\d+): non-finite loss (?:nan|inf), update skipped \(episodes: scan \[(\d)\], slice \[(\d+)\], "
+            r"superpixel \[(\d+)\]\)")
+    reports = re.findall(skip, texts["now"])
     assert [int(r[0]) for r in reports] == list(range(3, 3 + skipped))
-    assert "12 steps in" in caplog.text and f"{skipped} skipped" in caplog.text
-    means = re.findall(r"step (\d+): mean loss (\S+) over the last 5 steps", caplog.text)
+    assert reports == re.findall(skip, texts["legacy"])  # the same steps and episodes reported by both steps
+    assert "12 steps in" in texts["now"] and f"{skipped} skipped" in texts["now"]
+    means = re.findall(r"step (\d+): mean loss (\S+) over the last 5 steps", texts["now"])
     assert [int(m[0]) for m in means] == [5, 10]
     if not skipped:
         assert float(means[0][1]) == pytest.approx(sum(logs["now"]["loss"][:5]) / 5, abs=1e-4)
