@@ -170,8 +170,19 @@ def affine_matrix(shape: tuple[int, int], rotate_deg: float, tx: float, ty: floa
 
 
 def warp_affine(channels: np.ndarray, matrix: np.ndarray, border_values: list[float]) -> np.ndarray:
-    """Warp each channel of ``(C, H, W)`` float32 with one 2x3 matrix (bilinear, constant border per channel)."""
+    """Warp each channel of ``(C, H, W)`` float32 with one 2x3 matrix (bilinear, constant border per channel).
+
+    Up to 4 channels are warped as one interleaved ``(H, W, C)`` image, the layout the original passed to
+    ``cv2.warpAffine``: OpenCV's fixed-point bilinear kernel takes a different SIMD path for a 3-channel image than
+    for three 1-channel images, and the two can differ by 1 ULP on some pixels, depending on the CPU. The same layout
+    as the original keeps ``parity=True`` bit-identical on every host. More channels are warped one at a time.
+    """
     c, h, w = channels.shape
+    if c <= 4:  # cv2's border Scalar holds at most 4 values
+        interleaved = np.ascontiguousarray(channels.transpose(1, 2, 0))
+        warped = cv2.warpAffine(interleaved, matrix, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
+                                borderValue=tuple(float(v) for v in border_values))
+        return np.ascontiguousarray(warped.reshape(h, w, c).transpose(2, 0, 1))
     out = np.empty_like(channels)
     for i in range(c):
         out[i] = cv2.warpAffine(channels[i], matrix, (w, h), flags=cv2.INTER_LINEAR,

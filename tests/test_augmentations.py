@@ -182,7 +182,7 @@ def _original_sabs_aug(image: np.ndarray, label: np.ndarray, rng: np.random.Gene
     idx = [(rows + dy[..., None]).reshape(-1, 1), (cols + dx[..., None]).reshape(-1, 1), chans.reshape(-1, 1)]
     comp = map_coordinates(comp, idx, order=1, mode="reflect").reshape(h, w, 3)
     lab = np.argmax(np.rint(comp[..., 1:]), axis=-1)
-    img = comp[..., 0]
+    img = np.ascontiguousarray(comp[..., 0])  # contiguous, as the product's stack[0]: same layout for np.power
     g = rng.uniform(0.5, 1.5)
     lo = img.min()
     r = np.float32(float(img.max() - lo) + 1e-5)
