@@ -18,13 +18,14 @@ $(STAMP): requirements.txt pyproject.toml
 	cp requirements.txt $(STAMP)
 
 demo: setup
-	$(PY) -m util.demo --out runs/demo
+	$(PY) -m launch.demo --out runs/demo
 
 test: setup
 	$(PY) -m pytest -q tests
 
 lint: setup
 	$(PY) -m ruff check .
+	$(VENV)/bin/lint-imports
 
 bench: setup
 	$(PY) -m bench --quick

@@ -3,9 +3,10 @@
 Keys keep the original's names (``dataset``, ``eval_fold``, ``label_sets``, ``exclude_cls_list``, ``support_idx``,
 ``n_steps``, ``lr_milestones``, ``proto_grid_size``, ``val_wsize``, ``n_sup_part``, ``z_margin``, ``use_coco_init``,
 ``reload_model_path``, ``path.log_dir``, ...), so ``with key=value`` habits carry over. Differences from the
-original are the fixes of SPEC section 11: ``dataset`` is a plain registry name (``CHAOST2``, ``SABS``, ``CMR``,
-``PHANTOM``, or a description file), ``min_fg_data`` defaults to 1 (Q10), ``n_steps`` is the exact number of
-optimiser steps (Q12), and the file observer is replaced, not appended, on every run (Q11).
+original are fixes of its quirks (docs/method.md#quirks): ``dataset`` is a plain registry name (``CHAOST2``,
+``SABS``, ``CMR``, ``PHANTOM``, or a description file), ``min_fg_data`` defaults to 1 (the original's '100' named a
+missing class map), ``n_steps`` is the exact number of optimiser steps (no sub-epochs), and the file observer is
+replaced, not appended, on every run.
 
 Examples::
 
@@ -48,35 +49,35 @@ def cfg():
     num_workers = 4  # DataLoader workers for training episodes
     exp_prefix = "myexp"
     path = {"log_dir": "./runs"}  # observer root: <log_dir>/mySSL_<exp_str>/<n>/
-    use_file_observer = True  # attach one FileStorageObserver per run (replaced, never appended: Q11)
+    use_file_observer = True  # one FileStorageObserver, replaced per run (docs/method.md#q11-duplicate-observers)
     run_dir = None  # where snapshots/ and results.json go; default: the observer's run folder
 
     # ---------------------------------------------------------------- data
     dataset = "CHAOST2"  # registry name (CHAOST2, SABS, CMR/C0, PHANTOM) or a dataset description file
-    data_dir = str(get_dataset_info(dataset).data_dir)  # processed files (SPEC 2); fails here for an unknown dataset
+    data_dir = str(get_dataset_info(dataset).data_dir)  # processed files (docs/method.md#datasets); fails if unknown
     superpix_scale = "MIDDLE"
     superpix_dim = 2  # 2: per-slice superpixels (the original); 3: 3D supervoxels, support/query on neighbouring slices
-    min_fg_data = 1  # class map classmap_<min_fg_data>.json (the original's '100' was a bug, Q10); 1 in setting 2
+    min_fg_data = 1  # classmap_<min_fg_data>.json; 1 in setting 2 (not '100': docs/method.md#q10-class-map-100)
     input_size = (256, 256)  # encoder input; other slice sizes are resized for the network only (docs/reliability.md)
     which_aug = "sabs_aug"  # "sabs_aug" | "aug_v3" | "none"
-    border_fill = "zero_normalised"  # affine border value: "zero_normalised" (original, Q17) | "min"
-    aug_parity = False  # True: the original's augmentation arithmetic, bit-identical for the same draws (SPEC 5.3)
-    episode_sampling = "compact"  # "compact" (eligible slices, non-empty ids) | "legacy" (Q2/Q3 parity)
-    exclusion_rule = "any"  # setting-2 exclusion: "any" (leak-free) | "all" (leaky lineage variant, Q8)
+    border_fill = "zero_normalised"  # "zero_normalised" (original) | "min": docs/method.md#q17-border-fill
+    aug_parity = False  # True: the original's augmentation arithmetic, bit-identical (docs/method.md#augmentation)
+    episode_sampling = "compact"  # "compact" (eligible slices and ids) | "legacy" (docs/method.md#q3-slice-redirects)
+    exclusion_rule = "any"  # setting 2: "any" (leak-free) | "all" (leaky, docs/method.md#q8-leaky-exclusion)
 
     # ---------------------------------------------------------------- task and protocol
-    eval_fold = 0  # fold of SPEC 9 (0..4)
+    eval_fold = 0  # fold of docs/method.md#folds (0..4)
     label_sets = 0  # label group; test classes = eval classes - LABEL_GROUP[label_sets]
     setting = 1  # 1: train on every slice; 2: drop training slices holding any test class
     exclude_cls_list = list(get_dataset_info(dataset).setting2_exclusion(label_sets)) if setting == 2 else []
-    support_idx = [-1]  # index into the held-out list; -1 = the fold's support scan (SPEC 9)
+    support_idx = [-1]  # index into the held-out list; -1 = the fold's support scan (docs/method.md#folds)
     n_ways = 1
     n_shots = 1  # support scans
     n_queries = 1
-    n_sup_part = 3  # support slices per scan ("1-shot" = 3 slices, Q26); 1 = strict single slice
-    multishot_proto = "per_shot"  # FG global prototypes with n_shots > 1: "per_shot" (original, SPEC 8.8) | "pooled"
+    n_sup_part = 3  # slices per support scan; 1 = strict single slice (docs/method.md#q26-one-shot-three-slices)
+    multishot_proto = "per_shot"  # n_shots > 1: "per_shot" (original, docs/method.md#several-shots) | "pooled"
     task = {"n_ways": n_ways, "n_shots": n_shots, "n_queries": n_queries, "npart": n_sup_part}
-    protocol = "ep1_alp"  # "ep1_alp" (SPEC 8.5, GT z-range) or "ep2" (whole volume, no GT localisation, SPEC 8.6)
+    protocol = "ep1_alp"  # "ep1_alp" (GT z-range) | "ep2" (whole volume, no GT): docs/method.md#evaluation-protocols
     z_margin = 0
     val_wsize = 2  # ALP window at test time (feature pixels)
     eval_classes = None  # override the classes to evaluate, e.g. [1, 2, 3, 4]; default: the group's test classes
@@ -92,15 +93,15 @@ def cfg():
     reload_model_path = None  # checkpoint to evaluate (validation.py) or to start from (training.py)
     proto_grid_size = 8  # training ALP window = feature_hw / proto_grid_size = 4
     feature_hw = [32, 32]
-    usealign = True  # prototype-alignment loss (SPEC 6.3)
+    usealign = True  # prototype-alignment loss (docs/method.md#losses)
     use_wce = True  # CE weights [wce_bg_weight, 1.0]
     wce_bg_weight = 0.05  # background weight of the query CE (the paper's 0.05)
-    build_unused_aspp = False  # Q7 parity export of the unused ASPP keys
+    build_unused_aspp = False  # parity export of the unused ASPP keys (docs/method.md#q7-unused-aspp)
 
-    # ---------------------------------------------------------------- optimisation (SPEC 7)
+    # ---------------------------------------------------------------- optimisation (docs/method.md#training-schedule)
     optim_type = "sgd"
     optim = {"lr": 1e-3, "momentum": 0.9, "weight_decay": 5e-4}
-    n_steps = 100000  # optimiser steps (the original's 100100 loop gave ~100k, Q12)
+    n_steps = 100000  # optimiser steps (the original's 100100 loop gave ~100k, docs/method.md#q12-training-length)
     lr_step_gamma = 0.95
     lr_milestones = [(i + 1) * 1000 for i in range(n_steps // 1000 - 1)]
     lr_schedule = "step"  # "step" (paper: MultiStepLR) | "cosine" | "poly" (engine/lr_schedule.py)
@@ -121,7 +122,7 @@ def cfg():
 
 @ex.named_config
 def CHAOST2():
-    # CHAOS-T2 abdominal MRI (support scan: the 5th of the held-out list, SPEC 9).
+    # CHAOS-T2 abdominal MRI (support scan: the 5th of the held-out list, docs/method.md#folds).
     dataset = "CHAOST2"
     support_idx = [4]
 
@@ -135,7 +136,7 @@ def SABS():
 
 @ex.named_config
 def CMR():
-    # MS-CMRSeg bSSFP cardiac MRI (project fold scheme, SPEC 3.4).
+    # MS-CMRSeg bSSFP cardiac MRI (project fold scheme, docs/method.md#ms-cmrseg-cardiac-mri).
     dataset = "CMR"
     support_idx = [7]
 

@@ -5,11 +5,11 @@
         --query scans/ --out predictions/ [--query-label ...] [--device auto|cpu|cuda] [--batch-size N]
 
 Several ``--support-image``/``--support-label`` pairs = k-shot: the model pools the prototypes of all support scans
-(SPEC 8.8). Support and query scans go through the transform of ``data_preprocessing.prepare``
+(docs/method.md#several-shots). Support and query scans go through the transform of ``data_preprocessing.prepare``
 (:mod:`data_preprocessing.geometry`: reorientation, intensity, in-plane resampling, centre crop/pad) with the
 settings recorded in the checkpoint, or with ``--modality/--spacing/--size/--window`` (an original SSL-ALPNet
 state dict also needs ``--modelname``). No label is ever used on a query: the whole query volume is segmented with
-the EP2 rule shared with ``validation.py with protocol=ep2`` (:func:`util.protocol.ep2_segment_class`).
+the EP2 rule shared with ``validation.py with protocol=ep2`` (:func:`evaluation.ep2.ep2_segment_class`).
 
 Writes into ``--out`` (all files or none: a temporary sibling folder renamed at the end):
 
@@ -27,72 +27,19 @@ checkpoint that does not fit) prints one ``error: ...`` line naming the file and
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-import SimpleITK as sitk
-import torch
-from tqdm import tqdm
-
-from data_preprocessing.geometry import (
-    GridTransform,
-    PrepareSettings,
-    check_same_grid,
-    list_scans,
-    preprocess_image,
-    preprocess_label,
-    preprocessing_from_checkpoint,
-    read_label,
-    read_scan,
-    scan_name,
-    to_source_grid,
-)
-from data_preprocessing.verify import RawDataError
-from dataloaders import niftiio
-from dataloaders.normalization import Normalizer, fit_normalizer
 from models.backbone import BACKBONES
-from models.grid_proto_fewshot import FewShotSeg
-from prediction.report import write_overlay, write_report
-from prediction.volume import segment_volume
-from util.checkpoint import load_checkpoint, load_model_weights
-from util.cli import EXIT_OK, EXIT_USER_ERROR, PROJECT_ERRORS, error_line
-from util.inference import FastPredictor
-from util.metric import dice, hd95
-from util.protocol import SupportScan, margin_fn
-from util.run_setup import ConfigError
-
-RULE = ("EP2 (util.protocol.ep2_segment_class): support slices at the chunk centres of each support organ; the "
-        "organ's z-range in the query estimated from the supports' relative extent within the body; every query "
-        "slice segmented; largest 3D connected component per class")
-# Body mask of a processed scan: voxels above the registry's default body threshold of the modality
-# (dataloaders.dataset_info: 1e-4 for CT in 0..255, air at 0; 50.0001 for MR, CHAOS's rule). Only the body's
-# z-extent is used (util.protocol.body_z_range).
-BODY_THRESHOLD = {"CT": 1e-4, "MR": 50.0001}
+from prediction.run import run
+from util.cli import EXIT_OK, EXIT_USER_ERROR, error_line
+from util.errors import ProjectError
+from util.options import OptionParser, parse_classes, positive_float, positive_int
 
 
-# ---------------------------------------------------------------------------------------------------- options
-def parse_classes(text: str) -> dict[str, int]:
-    """``LIVER=5,SPLEEN=1`` -> {"LIVER": 5, "SPLEEN": 1} (names unique, ids unique positive integers)."""
-    out: dict[str, int] = {}
-    for item in text.split(","):
-        name, sep, value = item.strip().partition("=")
-        name = name.strip()
-        if not sep or not name or not value.strip().isdigit() or int(value) < 1:
-            raise argparse.ArgumentTypeError(f"--classes: {item.strip()!r} is not NAME=ID with ID a positive integer")
-        if name in out or int(value) in out.values():
-            raise argparse.ArgumentTypeError(f"--classes: {name}={value} repeats a name or an id")
-        out[name] = int(value)
-    return out
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> OptionParser:
+    p = OptionParser(prog="python predict.py", description=__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", type=Path, required=True, help="a project checkpoint or an original state dict")
     p.add_argument("--support-image", type=Path, action="append", required=True, help="annotated scan (repeat: k-shot)")
     p.add_argument("--support-label", type=Path, action="append", required=True, help="its label file (same order)")
@@ -101,12 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="output folder (new, empty, or a previous output)")
     p.add_argument("--query-label", type=Path, nargs="+", default=None, help="reference labels, one per query")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--batch-size", type=int, default=16, help="query slices per forward pass")
-    p.add_argument("--n-part", type=int, default=None, help="support slices per support scan (default: checkpoint's "
-                   "n_sup_part, else 3)")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="query slices per forward pass")
+    p.add_argument("--n-part", type=positive_int, default=None,
+                   help="support slices per support scan (default: checkpoint's n_sup_part, else 3)")
     p.add_argument("--modality", choices=("CT", "MR"), default=None, help="preprocessing when the checkpoint has none")
-    p.add_argument("--spacing", type=float, default=None, help="in-plane spacing in mm")
-    p.add_argument("--size", type=int, default=None, help="in-plane size of the processed grid (voxels)")
+    p.add_argument("--spacing", type=positive_float, default=None, help="in-plane spacing in mm")
+    p.add_argument("--size", type=positive_int, default=None, help="in-plane size of the processed grid (voxels)")
     p.add_argument("--window", type=float, nargs=2, default=None, metavar=("LO", "HI"), help="CT window in HU")
     p.add_argument("--modelname", choices=BACKBONES, default=None, help="backbone of a plain state dict")
     p.add_argument("--body-threshold", type=float, default=None, help="body mask threshold on the processed image "
@@ -114,259 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-@dataclass
-class Plan:
-    """Everything checked before any scan is processed."""
-
-    settings: PrepareSettings
-    model: FewShotSeg
-    normalizer: Normalizer | None  # None: CT without stored statistics (fitted on the supports)
-    device: torch.device
-    n_part: int
-    val_wsize: int
-    body_threshold: float
-    queries: list[Path]
-    query_labels: list[Path | None]
-    checkpoint: dict[str, Any]
-
-
-def resolve_settings(ckpt: dict[str, Any], args: argparse.Namespace) -> PrepareSettings:
-    """The checkpoint's recorded preprocessing, with the flags given overriding it (or alone for a plain state dict).
-
-    Raises:
-        ConfigError: no recorded preprocessing and no ``--modality``, or invalid values.
-    """
-    try:
-        stored = preprocessing_from_checkpoint(ckpt)
-    except ValueError as err:
-        raise ConfigError(f"{args.checkpoint}: {err}") from None
-    if stored is None and args.modality is None:
-        raise ConfigError(f"{args.checkpoint} records no preprocessing: pass --modality (and --spacing, --size, "
-                          "--window as the model was trained)")
-    base = stored.to_dict() if stored is not None else {"modality": args.modality}
-    if args.modality is not None and args.modality != base["modality"]:
-        base = {"modality": args.modality, "z_spacing": base.get("z_spacing")}
-    for key, value in (("spacing", args.spacing), ("size", args.size),
-                       ("window", list(args.window) if args.window else None)):
-        if value is not None:
-            base[key] = value
-    try:
-        return PrepareSettings.from_dict(base)
-    except ValueError as err:
-        raise ConfigError(f"preprocessing: {err}") from None
-
-
-def build_model(ckpt: dict[str, Any], args: argparse.Namespace, device: torch.device) -> tuple[FewShotSeg, int]:
-    """The checkpoint's model (architecture from its config, or ``--modelname`` for a plain state dict), eval mode.
-
-    Returns:
-        (model, val_wsize).
-
-    Raises:
-        ConfigError: a plain state dict without ``--modelname``, or ``--modelname`` contradicting the checkpoint.
-        StateDictMismatchError: the weights do not fit (names the file).
-    """
-    cfg = ckpt.get("config") or {}
-    name = cfg.get("modelname")
-    if name is None and args.modelname is None:
-        raise ConfigError(f"{args.checkpoint} is a plain state dict: pass --modelname ({', '.join(BACKBONES)})")
-    if name is not None and args.modelname is not None and args.modelname != name:
-        raise ConfigError(f"{args.checkpoint} was trained with modelname={name!r}, not --modelname {args.modelname}")
-    kwargs: dict[str, Any] = {"backbone": name or args.modelname, "init": "none",
-                              "proto_grid_size": int(cfg.get("proto_grid_size", 8)),
-                              "feature_hw": tuple(cfg.get("feature_hw", (32, 32))),
-                              "val_wsize": int(cfg.get("val_wsize", 2))}
-    if "multishot_proto" in cfg:
-        kwargs["multishot_proto"] = cfg["multishot_proto"]
-    model = FewShotSeg(**kwargs)
-    load_model_weights(model, ckpt["model"], args.checkpoint)
-    return model.to(device).eval(), kwargs["val_wsize"]
-
-
-def check_out_dir(out: Path) -> None:
-    """``--out`` must be new, empty, or a previous output of this tool (holding ``predictions.json``)."""
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out}: exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not (out / "predictions.json").is_file():
-        raise ConfigError(f"--out {out}: folder holds other files; choose a new or empty folder")
-
-
-def check_label_grid(image_path: Path, label_path: Path) -> tuple[sitk.Image, sitk.Image]:
-    """Read an image and its label and check they share a grid (the error names both files)."""
-    img, _ = read_scan(image_path)
-    lbl = read_label(label_path)
-    return img, check_same_grid(img, lbl, image_path, label_path)
-
-
-def plan(args: argparse.Namespace) -> Plan:
-    """Check every option and file that can be checked without processing a scan.
-
-    Raises:
-        A project error (ConfigError, CheckpointError, RawDataError, DataFormatError, StateDictMismatchError)
-        naming the file or option.
-    """
-    if len(args.support_image) != len(args.support_label):
-        raise ConfigError(f"{len(args.support_image)} --support-image but {len(args.support_label)} --support-label:"
-                          " give one label per support image, in the same order")
-    if args.batch_size < 1:
-        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
-    check_out_dir(args.out)
-    queries = list_scans(args.query)
-    names = [scan_name(q) for q in queries]
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise ConfigError(f"queries share the name(s) {dup}: output files would collide; rename them")
-    if args.query_label is not None and len(args.query_label) != len(queries):
-        raise ConfigError(f"{len(queries)} queries ({', '.join(names)}) but {len(args.query_label)} --query-label")
-    query_labels: list[Path | None] = list(args.query_label) if args.query_label else [None] * len(queries)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA device is available")
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-                          else "cpu")
-    ckpt = load_checkpoint(args.checkpoint, map_location="cpu")
-    settings = resolve_settings(ckpt, args)
-    model, val_wsize = build_model(ckpt, args, device)
-    cfg = ckpt.get("config") or {}
-    n_part = args.n_part if args.n_part is not None else int(cfg.get("n_sup_part", 3))
-    if n_part < 1:
-        raise ConfigError(f"--n-part must be >= 1, got {n_part}")
-    normalizer = Normalizer.from_dict(ckpt["normalizer"]) if ckpt.get("normalizer") else (
-        fit_normalizer("MR") if settings.modality == "MR" else None)
-    body_threshold = args.body_threshold if args.body_threshold is not None else BODY_THRESHOLD[settings.modality]
-    # support pairs: readable, on one grid, holding every requested id
-    for img_path, lbl_path in zip(args.support_image, args.support_label):
-        _, lbl = check_label_grid(img_path, lbl_path)
-        present = set(np.unique(sitk.GetArrayViewFromImage(lbl)).tolist())
-        for cname, cid in args.classes.items():
-            if cid not in present:
-                raise RawDataError(f"{lbl_path}: support label holds no voxel of {cname}={cid} (ids present: "
-                                   f"{sorted(present)})")
-    for q, ql in zip(queries, query_labels):
-        if ql is not None:
-            check_label_grid(q, ql)
-    return Plan(settings, model, normalizer, device, n_part, val_wsize, body_threshold, queries, query_labels, ckpt)
-
-
-# ---------------------------------------------------------------------------------------------------- work
-@dataclass
-class Prepared:
-    """A scan on the processed grid: raw processed intensities (before normalisation), body mask and transform."""
-
-    image: np.ndarray
-    body: np.ndarray
-    transform: GridTransform
-
-
-def prepare_scan(img: sitk.Image, settings: PrepareSettings, body_threshold: float) -> Prepared:
-    """Bring a scan onto the processed grid (:func:`data_preprocessing.geometry.preprocess_image`)."""
-    arr, transform, _ = preprocess_image(img, settings)
-    return Prepared(arr, arr > body_threshold, transform)
-
-
-def class_values(seg: np.ndarray, ref: np.ndarray | None, cid: int, spacing_xyz: tuple[float, ...]) -> dict[str, Any]:
-    """Volume (ml), slices (array axis 0 of the source file), Dice and HD95 (mm) of one class on the source grid."""
-    pred = seg == cid
-    zs = np.flatnonzero(pred.any(axis=(1, 2)))
-    out: dict[str, Any] = {
-        "label_id": cid,
-        "volume_ml": float(pred.sum() * float(np.prod(spacing_xyz)) / 1000.0),
-        "n_slices": int(zs.size),
-        "slices": [int(zs[0]), int(zs[-1])] if zs.size else None,
-    }
-    if ref is not None:
-        gt = ref == cid
-        tp, fp, fn = int((pred & gt).sum()), int((pred & ~gt).sum()), int((~pred & gt).sum())
-        d = float(dice(tp, fp, fn))
-        h = hd95(pred, gt, tuple(float(s) for s in spacing_xyz[::-1]))
-        out.update({"dice": None if np.isnan(d) else d, "hd95_mm": None if np.isnan(h) else h,
-                    "reference_volume_ml": float(gt.sum() * float(np.prod(spacing_xyz)) / 1000.0)})
-    return out
-
-
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Plan, segment every query and write the outputs (module docstring). Returns the ``predictions.json`` dict."""
-    t0 = time.perf_counter()
-    p = plan(args)
-    classes = args.classes
-    # ---- supports on the processed grid (labels keep the user's ids)
-    supports_raw = []
-    for img_path, lbl_path in tqdm(list(zip(args.support_image, args.support_label)), desc="supports", unit="scan"):
-        img, lbl = check_label_grid(img_path, lbl_path)
-        prep = prepare_scan(img, p.settings, p.body_threshold)
-        label = preprocess_label(lbl, prep.transform)
-        for cname, cid in classes.items():
-            if not (label == cid).any():
-                raise RawDataError(f"{lbl_path}: {cname}={cid} vanishes on the processed grid (too small at "
-                                   f"{p.settings.spacing} mm)")
-        supports_raw.append((prep, label))
-    normalizer = p.normalizer or fit_normalizer("CT", [s[0].image for s in supports_raw])
-    supports = [SupportScan(normalizer(prep.image), label, prep.body) for prep, label in supports_raw]
-    predictor = FastPredictor(p.model, p.device, window=p.val_wsize, batch_size=args.batch_size, cache_mb=512)
-    margin = margin_fn(predictor)
-
-    out = args.out
-    tmp = out.with_name(f".tmp-{out.name}-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    (tmp / "overlays").mkdir(parents=True)
-    summary: dict[str, Any] = {
-        "checkpoint": str(args.checkpoint), "checkpoint_step": p.checkpoint.get("step"),
-        "supports": [{"image": str(i), "label": str(lb)} for i, lb in zip(args.support_image, args.support_label)],
-        "classes": dict(classes), "preprocessing": p.settings.to_dict(), "normalizer": normalizer.to_dict(),
-        "n_part": p.n_part, "rule": RULE, "device": str(p.device), "queries": {},
-    }
-    try:
-        for qpath, qlabel in tqdm(list(zip(p.queries, p.query_labels)), desc="queries", unit="scan"):
-            name = scan_name(qpath)
-            qimg, _ = read_scan(qpath)
-            prep = prepare_scan(qimg, p.settings, p.body_threshold)
-            try:
-                result = segment_volume(margin, supports, normalizer(prep.image), prep.body, list(classes.values()),
-                                        n_part=p.n_part, progress=True)
-            except ValueError as err:
-                raise RawDataError(f"{qpath}: {err}") from None
-            predictor.clear_cache()
-            seg_img = to_source_grid(result.labels, prep.transform)
-            seg_file = tmp / f"{name}_seg.nii.gz"
-            sitk.WriteImage(seg_img, str(seg_file), True)
-            seg = sitk.GetArrayViewFromImage(seg_img)
-            ref = ref_proc = None
-            if qlabel is not None:
-                ref_img = check_same_grid(qimg, read_label(qlabel), qpath, qlabel)
-                ref = sitk.GetArrayFromImage(ref_img)
-                ref_proc = preprocess_label(ref_img, prep.transform)
-            entry: dict[str, Any] = {"source": str(qpath), "segmentation": seg_file.name,
-                                     "reference": str(qlabel) if qlabel else None, "classes": {}}
-            for cname, cid in classes.items():
-                values = class_values(seg, ref, cid, seg_img.GetSpacing())
-                values["estimated_range"] = [round(v, 2) for v in result.classes[cid].estimated_range]
-                png = Path("overlays") / f"{name}_{cname}.png"
-                values["overlay_slices"] = write_overlay(prep.image, result.labels == cid,
-                                                         None if ref_proc is None else ref_proc == cid, tmp / png)
-                values["overlay"] = str(png)
-                entry["classes"][cname] = values
-            summary["queries"][name] = entry
-        summary["elapsed_s"] = round(time.perf_counter() - t0, 2)
-        niftiio.write_json(summary, tmp / "predictions.json")
-        write_report(summary, tmp, tmp / "report.html")
-        old = out.with_name(f".old-{out.name}-{os.getpid()}")
-        if out.exists():
-            out.rename(old)
-        tmp.rename(out)
-        if old.exists():
-            shutil.rmtree(old)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return summary
-
-
 def main(argv: list[str] | None = None) -> int:
     """Command line: exit 0 on success, 2 with one ``error:`` line on bad input (util.cli conventions)."""
     args = build_parser().parse_args(argv)
     try:
         summary = run(args)
-    except PROJECT_ERRORS as err:
+    except ProjectError as err:
         print(error_line(err), file=sys.stderr, flush=True)
         return EXIT_USER_ERROR
     for qname, q in summary["queries"].items():

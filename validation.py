@@ -1,5 +1,5 @@
-"""Few-shot evaluation, one checkpoint, one fold, one label group: EP1-ALP (SPEC 8.5, the default) or EP2
-(``protocol=ep2``: the whole query volume, no ground-truth localisation, SPEC 8.6 and ``util.protocol``).
+"""Few-shot evaluation, one checkpoint, one fold, one label group: EP1-ALP (the default) or EP2 (``protocol=ep2``:
+the whole query volume, no ground-truth localisation); docs/method.md#evaluation-protocols and ``evaluation.ep1_alp``.
 
     python validation.py with CHAOST2 setting2 label_sets=0 eval_fold=0 reload_model_path=<run>/snapshots/100000.pth
     python validation.py with demo run_dir=runs/demo reload_model_path=runs/demo/snapshots/1500.pth baseline=True
@@ -11,9 +11,7 @@ mean_dice, per_scan, checkpoint, elapsed_s, protocol details), the predicted vol
 
 from __future__ import annotations
 
-import math
 import shlex
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -33,13 +31,18 @@ from dataloaders.derived import (
 from dataloaders.leakage import leak_free_for
 from dataloaders.manual_anno_dataset import load_annotated_scans
 from dataloaders.normalization import Normalizer, normalizer_from_scans
+from engine.builders import build_model
+from engine.run_setup import resolve_device, resolve_fold, resolve_run_dir
 from engine.val_monitor import without_val_scans
-from models.weights import StateDictMismatchError, load_original_checkpoint
-from util.checkpoint import load_checkpoint, state_dict_mismatch
+from evaluation.ep1_alp import evaluate_fold
+from evaluation.ep2 import evaluate_fold_ep2
+from evaluation.predictors import FastPredictor
+from evaluation.tables import dice_table
+from models.weights import StateDictMismatchError, load_original_checkpoint, state_dict_mismatch
+from util.atomic import atomic_folder
+from util.checkpoint import load_checkpoint
 from util.cli import run_cli
-from util.inference import FastPredictor
-from util.protocol import evaluate_fold, evaluate_fold_ep2
-from util.run_setup import ConfigError, build_model, resolve_device, resolve_fold, resolve_run_dir
+from util.errors import ConfigError
 from util.seeding import seed_everything, set_deterministic
 
 # Keys that must agree between the training run stored in a checkpoint and this evaluation.
@@ -92,20 +95,10 @@ def write_predictions(predictions: dict[tuple[int, int], np.ndarray], geometry: 
         predictions: {(scan id, class id): (Z, H, W) binary mask}.
         geometry: scan id -> image geometry.
     """
-    tmp = folder.with_name(f".tmp-{folder.name}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    for (sid, c), pred in predictions.items():
-        niftiio.write_volume(pred.astype(np.uint8) * np.uint8(c), tmp / f"scan_{sid}_label_{c}.nii.gz", geometry[sid])
-    old = folder.with_name(f".old-{folder.name}")
-    if folder.exists():
-        if old.exists():
-            shutil.rmtree(old)
-        folder.rename(old)
-    tmp.rename(folder)
-    if old.exists():
-        shutil.rmtree(old)
+    with atomic_folder(folder) as tmp:
+        for (sid, c), pred in predictions.items():
+            niftiio.write_volume(pred.astype(np.uint8) * np.uint8(c), tmp / f"scan_{sid}_label_{c}.nii.gz",
+                                 geometry[sid])
 
 
 def load_body_masks(data_dir: str | Path, info: Any, scan_ids: list[int]) -> dict[int, np.ndarray]:
@@ -137,21 +130,6 @@ def load_body_masks(data_dir: str | Path, info: Any, scan_ids: list[int]) -> dic
     return out
 
 
-def format_table(result: dict[str, Any], class_names: dict[int, str], baseline: dict[str, Any] | None) -> str:
-    """A Markdown table of Dice per class (ALPNet, and the baseline when given)."""
-    def pct(x: float | None) -> str:
-        return "  n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:5.2f}"
-
-    head = "| method | " + " | ".join(class_names[c] for c in result["classes"]) + " | mean |"
-    rows = [head, "|" + "---|" * (len(result["classes"]) + 2)]
-    for name, res in (("ALPNet", result), ("intensity baseline", baseline)):
-        if res is None:
-            continue
-        cells = [pct(res["class_dice"].get(str(c))) for c in result["classes"]]
-        rows.append(f"| {name} | " + " | ".join(cells) + f" | {pct(res['mean_dice'])} |")
-    return "\n".join(rows)
-
-
 @ex.main
 def validate(_run, _config: dict, _log, seed: int, reload_model_path: str | None, label_sets: int,
          eval_classes: list | None, n_sup_part: int, z_margin: int, val_wsize: int, eval_batch_size: int,
@@ -162,7 +140,8 @@ def validate(_run, _config: dict, _log, seed: int, reload_model_path: str | None
     device = resolve_device(_config)
     run_dir = resolve_run_dir(_run, _config)
     if protocol not in ("ep1_alp", "ep2"):
-        raise ConfigError(f"protocol={protocol!r}: choose 'ep1_alp' (SPEC 8.5) or 'ep2' (whole volume, SPEC 8.6)")
+        raise ConfigError(f"protocol={protocol!r}: choose 'ep1_alp' or 'ep2' (whole volume); "
+                          "docs/method.md#evaluation-protocols")
     if not reload_model_path:
         raise ConfigError("reload_model_path is not set: pass the checkpoint to evaluate, "
                           "e.g. reload_model_path=runs/.../snapshots/100000.pth")
@@ -194,10 +173,10 @@ def validate(_run, _config: dict, _log, seed: int, reload_model_path: str | None
     check_checkpoint_matches_folder(ckpt, reload_model_path, fold, _config, info)  # fold and CT normaliser
     if ckpt.get("normalizer"):
         normalizer = Normalizer.from_dict(ckpt["normalizer"])
-    else:  # a plain state dict: recompute CT statistics from the fold's training scans (Q16)
+    else:  # a plain state dict: CT statistics from the fold's training scans (docs/method.md#q16-ct-statistics)
         normalizer = normalizer_from_scans(_config["data_dir"], info.modality, list(fold.train))
     scan_ids = list(dict.fromkeys(fold.queries + fold.support))
-    # on the images' own grid: the predictor resizes slices to input_size for the encoder only (util.inference)
+    # on the images' own grid: the predictor resizes slices to input_size for the encoder only (evaluation.predictors)
     scans = load_annotated_scans(_config["data_dir"], info, scan_ids, normalizer)
     images, labels, geometry = scans.images, scans.labels, scans.geometry
     check_classmap_file(_config["data_dir"], info, labels, _config["min_fg_data"])
@@ -257,7 +236,7 @@ def validate(_run, _config: dict, _log, seed: int, reload_model_path: str | None
         "training_exclusion": trained_exclusion, "leak_free": leak_free_for(trained_exclusion, classes, info),
         "n_part": n_sup_part, "z_margin": z_margin,
         "val_wsize": val_wsize, "support_scans": list(fold.support), "query_scans": list(fold.queries),
-        "multishot_proto": _config["multishot_proto"],  # how several support scans combine (SPEC 8.8)
+        "multishot_proto": _config["multishot_proto"],  # how support scans combine (docs/method.md#several-shots)
         "seed": seed, "modelname": _config["modelname"], "device": str(device),
         "elapsed_s": round(time.perf_counter() - t_start, 2),
     }
@@ -265,7 +244,8 @@ def validate(_run, _config: dict, _log, seed: int, reload_model_path: str | None
         summary["baseline"] = {k: baseline_result[k] for k in ("class_dice", "class_precision", "class_recall",
                                                                "mean_dice", "per_scan")}
     niftiio.write_json(summary, run_dir / "results.json")
-    table = format_table(summary, info.labels, summary.get("baseline"))
+    table = dice_table({"ALPNet": summary, "intensity baseline": summary.get("baseline")}, summary["classes"],
+                       info.labels)
     print(f"\n{info.name} fold {fold.index}, setting {_config['setting']}, support scan(s) {list(fold.support)}, "
           f"queries {list(fold.queries)}, Dice (%):\n{table}\nresults: {run_dir / 'results.json'}")
     return {"mean_dice": summary["mean_dice"], "results": str(run_dir / "results.json")}

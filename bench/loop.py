@@ -1,13 +1,15 @@
-"""Loop-overhead measurement (issue 12): steps/s of the real training loop around a nearly free network.
+"""Loop-overhead measurement of the host-sync-free training loop: steps/s of the real training loop around a nearly free
+network.
 
-:func:`measure_loop` runs ``training.py``'s ``train`` command (data pipeline, episode sampler, loss, step guard,
+:func:`measure_loop` runs the training run of ``training.py`` (:func:`engine.train_loop.run_training`: data
+pipeline, episode sampler, loss, step guard,
 read-back and logging, checkpoint policy) with the encoder replaced by :class:`OneLayerEncoder`, one strided
 convolution, on 64x64 inputs: what is left of a step's time is the host work of the loop itself, the figure that
 decides GPU throughput once the network is fast.
 
-:func:`legacy_train_step` is the training step as it was before issue 12 (three ``float(loss)`` reads, an all-reduce
-of the finiteness and one clone per buffer per step), kept only to time it against :func:`training.train_step` in
-one run (``train_step_ratio_legacy_vs_new`` in the results).
+:func:`legacy_train_step` is the training step as it was before the host-sync-free loop (three ``float(loss)`` reads, an
+all-reduce of the finiteness and one clone per buffer per step), kept only to time it against
+:func:`engine.train_step.train_step` in one run (``train_step_ratio_legacy_vs_new`` in the results).
 """
 
 from __future__ import annotations
@@ -53,14 +55,15 @@ def measure_loop(data_dir: str, fold_index: int, device: str, n_steps: int = 300
         threads: torch intra-op threads (``None``: leave the default). One by default: on 64x64 tensors more
             threads only add synchronisation, which on a shared machine costs far more than the work.
     """
-    import training
     from config_ssl_upload import ex
+    from engine import train_loop
 
+    ex.command(train_loop.run_training)  # the training run, without importing the training.py script
     if n_steps <= warmup + 1:
         raise ValueError(f"n_steps={n_steps} must exceed warmup + 1 = {warmup + 1}")
-    build = training.build_model
+    build = train_loop.build_model
     starts: list[tuple[float, float]] = []  # (wall, CPU time of this process) at the start of each step
-    step = training.train_step
+    step = train_loop.train_step
 
     def one_layer_model(config: dict[str, Any], dev: torch.device, for_training: bool) -> nn.Module:
         model = build(config, dev, for_training)
@@ -74,10 +77,11 @@ def measure_loop(data_dir: str, fold_index: int, device: str, n_steps: int = 300
     default_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
-    training.build_model, training.train_step = one_layer_model, timed_step
+    train_loop.build_model, train_loop.train_step = one_layer_model, timed_step
     try:
         with tempfile.TemporaryDirectory(prefix="bench_loop_") as run_dir:
-            run = ex.run("train", named_configs=["demo"], options={"--unobserved": True, "--loglevel": "WARNING"},
+            run = ex.run("run_training", named_configs=["demo"],
+                         options={"--unobserved": True, "--loglevel": "WARNING"},
                          config_updates={
                              "data_dir": data_dir, "run_dir": run_dir, "eval_fold": fold_index, "device": device,
                              "num_workers": workers, "n_steps": n_steps, "lr_milestones": [n_steps],
@@ -85,7 +89,7 @@ def measure_loop(data_dir: str, fold_index: int, device: str, n_steps: int = 300
                              "print_interval": 100, "save_snapshot_every": n_steps, "use_file_observer": False})
         used_threads = torch.get_num_threads()
     finally:
-        training.build_model, training.train_step = build, step
+        train_loop.build_model, train_loop.train_step = build, step
         torch.set_num_threads(default_threads)
     timed = starts[warmup:]
     n = len(timed) - 1
@@ -99,10 +103,11 @@ def measure_loop(data_dir: str, fold_index: int, device: str, n_steps: int = 300
 def legacy_train_step(model: nn.Module, batch: dict[str, Any], optimizer: torch.optim.Optimizer,
                       scaler: torch.amp.GradScaler | None, device: torch.device, amp: str, use_wce: bool,
                       usealign: bool, ignore_label: int) -> dict[str, float]:
-    """The step before issue 12 (same arguments as :func:`training.train_step`, floats out): for timing only."""
+    """The step before the device-side guard (same arguments as :func:`engine.train_step.train_step`, floats out):
+    for timing only."""
+    from engine.train_step import autocast_context
     from models.losses import QUERY_CLASS_WEIGHTS, query_loss
-    from training import autocast_context
-    from util.run_setup import all_ranks_true
+    from util.distributed import all_ranks_true
 
     supp = batch["support_images"].to(device, non_blocking=True)
     qry = batch["query_images"].to(device, non_blocking=True)
@@ -139,7 +144,7 @@ def legacy_train_step(model: nn.Module, batch: dict[str, Any], optimizer: torch.
 
 def measure_step_ratio(backbone: str, size: int, device: str, reps: int = 3, warmup: int = 1,
                        threads: int | None = None) -> dict[str, Any]:
-    """Median seconds of :func:`legacy_train_step` and of :func:`training.train_step` (with the run's
+    """Median seconds of :func:`legacy_train_step` and of :func:`engine.train_step.train_step` (with the run's
     :class:`engine.step_guard.StepGuard`), alternated on one model and batch so that both see the same machine load.
 
     Args:
@@ -152,11 +157,10 @@ def measure_step_ratio(backbone: str, size: int, device: str, reps: int = 3, war
     """
     import statistics
 
-    from bench.measure import sync
-    from bench.suite import synthetic_batch
+    from bench.measure import sync, synthetic_batch
     from engine.step_guard import StepGuard
+    from engine.train_step import train_step
     from models.grid_proto_fewshot import FewShotSeg
-    from training import train_step
 
     if threads is not None:
         torch.set_num_threads(threads)

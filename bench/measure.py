@@ -17,12 +17,16 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
+import numpy as np
+
+from util.errors import ProjectError
+
 # Modules the fork server imports once, so that each measurement process starts in milliseconds.
-_PRELOAD = ["torch", "bench.suite", "bench.loop", "training", "util.inference", "data_preprocessing.pseudolabel",
+_PRELOAD = ["torch", "bench.suite", "bench.loop", "training", "evaluation.predictors", "data_preprocessing.pseudolabel",
             "dataloaders.superpixel_dataset"]
 
 
-class BenchError(RuntimeError):
+class BenchError(ProjectError, RuntimeError):
     """A measurement process failed (its traceback is on stderr) or a benchmark argument is invalid."""
 
 
@@ -158,3 +162,27 @@ def environment(device: str) -> dict[str, Any]:
 def load_average() -> list[float]:
     """1-, 5- and 15-minute load averages (empty where the platform has none)."""
     return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else []
+
+
+def synthetic_batch(batch_size: int, size: int, seed: int = 0) -> dict[str, Any]:
+    """B one-shot episodes like the loader's: a textured slice, an elliptic superpixel as foreground.
+
+    Returns:
+        ``support_images``/``query_images`` (B, 1, 3, H, W) float32, ``support_fg``/``support_bg`` (B, 1, H, W)
+        float32, ``query_labels`` (B, 1, H, W) int64.
+    """
+    import torch
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    imgs, masks = [], []
+    for _ in range(batch_size):
+        cy, cx = rng.uniform(0.35, 0.65, size=2)
+        mask = ((yy - cy) / 0.15) ** 2 + ((xx - cx) / 0.1) ** 2 <= 1.0
+        img = rng.normal(0.0, 1.0, (size, size)) + 1.5 * mask
+        imgs.append(img.astype(np.float32))
+        masks.append(mask)
+    img_t = torch.from_numpy(np.stack(imgs))[:, None, None].expand(-1, 1, 3, -1, -1).contiguous()
+    fg = torch.from_numpy(np.stack(masks).astype(np.float32))[:, None]
+    return {"support_images": img_t, "query_images": img_t.flip(-1).contiguous(), "support_fg": fg,
+            "support_bg": 1.0 - fg, "query_labels": fg.flip(-1).long()}

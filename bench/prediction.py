@@ -1,4 +1,4 @@
-"""Own-scan prediction end to end (issue 9): ``predict.py`` on one synthetic 512x512xZ CT query, in a subprocess.
+"""Own-scan prediction end to end: ``predict.py`` on one synthetic 512x512xZ CT query, in a subprocess.
 
 :func:`measure_predict` writes a support and a query CT in HU (int16 NIfTI, 0.78 mm in-plane, 2.5 mm slices: a
 body ellipse of soft tissue, an ellipsoid organ labelled 6, air at -1000 HU, Gaussian noise), a random-init

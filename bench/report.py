@@ -53,7 +53,8 @@ def format_table(res: dict[str, Any]) -> str:
                          + _mem(res, f"loop.workers={workers}", cuda)))
     if "train_step_ratio_legacy_vs_new" in res:
         m = res["measurements"]["train_step.paper.legacy_vs_new"]
-        rows.append(_row([f"train step, paper, before issue 12 vs now ({m['backbone']}, amp off, alternated)",
+        rows.append(_row([f"train step, paper, before vs after the host-sync-free step ({m['backbone']}, amp off, "
+                          "alternated)",
                           f"{m['legacy_s']:.3f} s vs {m['new_s']:.3f} s: {res['train_step_ratio_legacy_vs_new']:.2f}x "
                           f"(CPU time: {m.get('cpu_ratio', float('nan')):.2f}x)"]
                          + _mem(res, "train_step.paper.legacy_vs_new", cuda)))

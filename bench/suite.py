@@ -6,8 +6,9 @@ Measurements (each in its own process, see :mod:`bench.measure`):
   synthetic batch, after warm-up; random init (the weights do not change the cost);
 * ``pipeline``: episodes per second of the training DataLoader (:class:`SuperpixelEpisodeDataset` with
   ``sabs_aug``) alone, steady state (the time to the first batch, worker start-up included, is reported apart);
-* ``eval``: one fold of EP1-ALP (:func:`util.protocol.evaluate_fold`) on the phantom with
-  :class:`util.inference.FastPredictor` and with :class:`util.inference.NaivePredictor` (the original's loop);
+* ``eval``: one fold of EP1-ALP (:func:`evaluation.ep1_alp.evaluate_fold`) on the phantom with
+  :class:`evaluation.predictors.FastPredictor` and with :class:`evaluation.predictors.NaivePredictor` (the original's
+  loop);
 * ``pseudolabels``: :func:`data_preprocessing.pseudolabel.generate_pseudolabels` with 1 and with all workers;
 * ``predict``: ``predict.py`` end to end on one synthetic 512x512x200 CT query, as a new process
   (:func:`bench.prediction.measure_predict`): seconds and the process's peak RSS, per backbone.
@@ -27,7 +28,16 @@ from typing import Any
 
 import numpy as np
 
-from bench.measure import BenchError, cpu_count, environment, load_average, run_isolated, summary, time_repeated
+from bench.measure import (
+    BenchError,
+    cpu_count,
+    environment,
+    load_average,
+    run_isolated,
+    summary,
+    synthetic_batch,
+    time_repeated,
+)
 
 # name -> (backbone, input size): the paper's configuration and the CPU demo's (config_ssl_upload.demo)
 MODELS: dict[str, tuple[str, int]] = {"paper": ("dlfcn_res101", 256), "demo": ("lite_gn_s", 256)}  # the demo config's
@@ -132,38 +142,14 @@ def full_config(device: str) -> SuiteConfig:
 
 
 # ----------------------------------------------------------------------------------------------- measurements
-def synthetic_batch(batch_size: int, size: int, seed: int = 0) -> dict[str, Any]:
-    """B one-shot episodes like the loader's: a textured slice, an elliptic superpixel as foreground.
-
-    Returns:
-        ``support_images``/``query_images`` (B, 1, 3, H, W) float32, ``support_fg``/``support_bg`` (B, 1, H, W)
-        float32, ``query_labels`` (B, 1, H, W) int64.
-    """
-    import torch
-
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size] / size
-    imgs, masks = [], []
-    for _ in range(batch_size):
-        cy, cx = rng.uniform(0.35, 0.65, size=2)
-        mask = ((yy - cy) / 0.15) ** 2 + ((xx - cx) / 0.1) ** 2 <= 1.0
-        img = rng.normal(0.0, 1.0, (size, size)) + 1.5 * mask
-        imgs.append(img.astype(np.float32))
-        masks.append(mask)
-    img_t = torch.from_numpy(np.stack(imgs))[:, None, None].expand(-1, 1, 3, -1, -1).contiguous()
-    fg = torch.from_numpy(np.stack(masks).astype(np.float32))[:, None]
-    return {"support_images": img_t, "query_images": img_t.flip(-1).contiguous(), "support_fg": fg,
-            "support_bg": 1.0 - fg, "query_labels": fg.flip(-1).long()}
-
-
 def measure_train_step(backbone: str, size: int, device: str, amp: str = "off", batch_size: int = 1,
                        channels_last: bool = False, compile: bool = False, warmup: int = 1, reps_min: int = 3,
                        reps_max: int = 5, budget_s: float = 5.0) -> dict[str, Any]:
     """Seconds per :func:`training.train_step` (paper losses and SGD settings) after ``warmup`` steps."""
     import torch
 
+    from engine.train_step import train_step
     from models.grid_proto_fewshot import FewShotSeg
-    from training import train_step
 
     torch.manual_seed(0)
     dev = torch.device(device)
@@ -172,7 +158,7 @@ def measure_train_step(backbone: str, size: int, device: str, amp: str = "off", 
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     if compile:
-        model.encoder.compile(dynamic=False)  # as util.run_setup.build_model
+        model.encoder.compile(dynamic=False)  # as engine.run_setup.build_model
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
     scaler = torch.amp.GradScaler(dev.type) if amp == "fp16" else None
     batch = synthetic_batch(batch_size, size)
@@ -252,9 +238,9 @@ def measure_eval(data_dir: str, fold_index: int, backbone: str, size: int, devic
     import torch
 
     from dataloaders.manual_anno_dataset import load_annotated_scans
+    from evaluation.ep1_alp import evaluate_fold
+    from evaluation.predictors import FastPredictor, NaivePredictor
     from models.grid_proto_fewshot import FewShotSeg
-    from util.inference import FastPredictor, NaivePredictor
-    from util.protocol import evaluate_fold
 
     info, fold = _fold(data_dir, fold_index)
     scans = load_annotated_scans(data_dir, info, list(fold.queries + fold.support), progress=False)
@@ -375,7 +361,7 @@ def run_suite(cfg: SuiteConfig, work_dir: str | Path | None = None, log=print) -
                 continue
             measurements[f"train_step.{name}.{option}"] = m
             res["train_options_s"].setdefault(name, {})[option] = m["median_s"]
-        # ------------------------------------------------------------ loop overhead (issue 12)
+        # ------------------------------------------------------------ loop overhead (host-sync-free loop)
         from bench.loop import measure_loop, measure_step_ratio
 
         res["loop_steps_per_s"] = {}
@@ -386,11 +372,11 @@ def run_suite(cfg: SuiteConfig, work_dir: str | Path | None = None, log=print) -
             res["loop_steps_per_s"][str(workers)] = m["steps_per_s"]
         if cfg.ratio_reps:
             backbone, size = cfg.models["paper"]
-            log(f"train step, paper ({backbone}), before issue 12 vs now ...")
+            log(f"train step, paper ({backbone}), before vs after the host-sync-free step ...")
             m = run(measure_step_ratio, backbone, size, cfg.device, cfg.ratio_reps)
             measurements["train_step.paper.legacy_vs_new"] = m
             res["train_step_ratio_legacy_vs_new"] = m["ratio"]
-        # ------------------------------------------------------------ own-scan prediction (issue 9)
+        # ------------------------------------------------------------ own-scan prediction (predict.py end to end)
         from bench.prediction import measure_predict
 
         for name in cfg.predict_models:

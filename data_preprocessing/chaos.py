@@ -1,4 +1,5 @@
-"""CHAOS T2-SPIR pipeline: raw DICOM + PNG ground truth -> processed training folder (SPEC 3.1; Q18, Q24).
+"""CHAOS T2-SPIR pipeline: raw DICOM + PNG ground truth -> processed training folder
+(docs/method.md#chaos-t2-mri).
 
 Usage::
 
@@ -17,7 +18,8 @@ Steps (each can be run alone with ``--steps``; intermediate files live in ``--wo
    (one SeriesInstanceUID, one orientation, pixel spacing and size) without missing slices, order the slices by
    ImagePositionPatient projected on the slice normal (never by file order or InstanceNumber), pair every PNG
    with its DICOM slice by the slice number in the file names, map grey values 63/126/189/252 to 1 liver,
-   2 right kidney, 3 left kidney, 4 spleen (anything else is an error, Q24), and write
+   2 right kidney, 3 left kidney, 4 spleen (anything else is an error,
+   docs/method.md#q24-chaos-grey-values), and write
    ``image_<pid>``/``label_<pid>.nii.gz`` on the DICOM grid. PNG row r / column c is DICOM pixel row r /
    column c of the same slice (the challenge exported the PNGs that way), so no flip is applied: image and
    label arrays are stacked identically and carry the geometry computed from the DICOM tags.
@@ -31,30 +33,26 @@ Output scan ids are the patient ids. Raw inputs are only read; a re-run writes t
 
 from __future__ import annotations
 
-import re
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pydicom
 import SimpleITK as sitk
 from PIL import Image
-from pydicom.errors import InvalidDicomError
 from tqdm import tqdm
 
 from data_preprocessing.intensity import MR_CLIP_PERCENTILE, clip_upper_percentile, map_label_values
-from data_preprocessing.resample import crop_or_pad_xy, resample_image, resample_label
-from data_preprocessing.verify import (
+from data_preprocessing.pipeline import (
     FINAL_STEPS,
-    RawDataError,
     parse_scan_list,
     parse_steps,
     pipeline_parser,
     remove_intermediate,
     run_final_steps,
 )
+from data_preprocessing.resample import crop_or_pad_xy, resample_image, resample_label
+from data_preprocessing.scan_reader import DicomSeries, first_duplicate, read_dicom_series, slice_number
 from dataloaders.dataset_info import DatasetInfo, get_dataset_info
 from dataloaders.niftiio import (
     DataFormatError,
@@ -65,15 +63,15 @@ from dataloaders.niftiio import (
     read_sitk,
     write_volume,
 )
+from util.errors import RawDataError
 
 DATASET = "CHAOST2"
-GREY_TO_LABEL: dict[int, int] = {0: 0, 63: 1, 126: 2, 189: 3, 252: 4}  # fixed map (Q24): liver, RK, LK, spleen
-TARGET_SPACING: tuple[float, float, float] = (1.25, 1.25, 7.70)  # (x, y, z) mm, SPEC 3.1
+# fixed map (docs/method.md#q24-chaos-grey-values): liver, RK, LK, spleen
+GREY_TO_LABEL: dict[int, int] = {0: 0, 63: 1, 126: 2, 189: 3, 252: 4}
+TARGET_SPACING: tuple[float, float, float] = (1.25, 1.25, 7.70)  # (x, y, z) mm, docs/method.md#chaos-t2-mri
 OUT_HW: tuple[int, int] = (256, 256)  # in-plane output size (H, W)
 SEQUENCE_DIR = "T2SPIR"
 STEPS = ("convert", "normalize", *FINAL_STEPS)
-_POSITION_RTOL = 0.01  # allowed relative deviation of a slice gap from the median gap
-_NUMBER = re.compile(r"(\d+)$")
 
 
 # -------------------------------------------------------------------- raw layout
@@ -94,162 +92,6 @@ def find_patients(raw: str | Path) -> dict[int, Path]:
     if not found:
         raise RawDataError(f"{root}: no patient folders <id>/{SEQUENCE_DIR} (pass the CHAOS 'MR' folder as --raw)")
     return dict(sorted(found.items()))
-
-
-def slice_number(path: Path, where: str = "", separators: str = "-_") -> int:
-    """The slice number in a file name: the integer after the last separator of the stem.
-
-    ``IMG-0004-00017.dcm`` -> 17, ``IMG-0004-00017.png`` -> 17, ``liver_GT_016.png`` -> 16.
-
-    Raises:
-        RawDataError: the stem does not end in ``<separator><digits>``.
-    """
-    stem = path.name.split(".")[0]
-    last = max(stem.rfind(s) for s in separators)
-    tail = stem[last + 1:]
-    if last < 0 or not _NUMBER.fullmatch(tail):
-        raise RawDataError(f"{where + ': ' if where else ''}{path}: no slice number after the last '-' or '_' "
-                           f"in the file name")
-    return int(tail)
-
-
-# -------------------------------------------------------------------- DICOM
-@dataclass
-class DicomSeries:
-    """One DICOM series, slices in spatial order.
-
-    Attributes:
-        image: (Z, H, W) float32 pixel values (RescaleSlope/Intercept applied).
-        geometry: SimpleITK geometry (LPS): origin = first slice's ImagePositionPatient, direction columns =
-            row direction, column direction, slice normal; spacing = (column spacing, row spacing, slice gap).
-        files: DICOM files in spatial order.
-        numbers: slice numbers of the file names, in spatial order (empty when read with ``numbered_files=False``).
-    """
-
-    image: np.ndarray
-    geometry: Geometry
-    files: list[Path]
-    numbers: list[int]
-
-
-def _float_list(ds: pydicom.Dataset, keyword: str, n: int, path: Path, where: str) -> np.ndarray:
-    value = ds.get(keyword)
-    if value is None or len(value) != n:
-        raise RawDataError(f"{where}: {path.name}: missing or malformed DICOM tag {keyword}")
-    return np.array([float(v) for v in value], dtype=np.float64)
-
-
-def read_dicom_series(dicom_dir: str | Path, where: str = "", numbered_files: bool = True) -> DicomSeries:
-    """Read a folder of single-slice DICOM files as one volume in spatial order.
-
-    Args:
-        dicom_dir: folder with one file per slice (hidden files are skipped).
-        where: prefix of error messages (e.g. ``"patient 5"``).
-        numbered_files: the file names end in a slice number (CHAOS ``IMG-0004-00017.dcm``), read into
-            ``numbers`` for pairing with the ground truth; ``False`` (any file names, e.g. a user's series named
-            by SOP UID) leaves ``numbers`` empty.
-
-    Raises:
-        RawDataError: empty folder, unreadable file, missing geometry tags, slices from more than one
-            acquisition (SeriesInstanceUID, orientation, pixel spacing or size differ), two slices at one
-            position, or a gap in the slice positions (missing slice); the message names the file.
-    """
-    dicom_dir = Path(dicom_dir)
-    where = where or str(dicom_dir)
-    files = sorted(p for p in dicom_dir.iterdir() if p.is_file() and not p.name.startswith(".")) \
-        if dicom_dir.is_dir() else []
-    if not files:
-        raise RawDataError(f"{where}: no DICOM files in {dicom_dir}")
-    headers = []
-    for path in files:
-        try:
-            ds = pydicom.dcmread(path)
-        except (InvalidDicomError, OSError) as err:
-            raise RawDataError(f"{where}: {path}: not a readable DICOM file ({err})") from None
-        headers.append((path, ds, _float_list(ds, "ImageOrientationPatient", 6, path, where),
-                        _float_list(ds, "ImagePositionPatient", 3, path, where),
-                        _float_list(ds, "PixelSpacing", 2, path, where)))
-    # one acquisition: the same series, size, orientation and pixel spacing in every file
-    _check_one_value(where, "SeriesInstanceUID", [(h[0], str(h[1].get("SeriesInstanceUID", ""))) for h in headers],
-                     "belongs to another acquisition; keep one series per folder")
-    _check_one_value(where, "Rows x Columns", [(h[0], (int(h[1].Rows), int(h[1].Columns))) for h in headers],
-                     "has another image size: the folder mixes two acquisitions")
-    _check_one_value(where, "ImageOrientationPatient", [(h[0], _rounded(h[2])) for h in headers],
-                     "has another orientation: inconsistent orientation")
-    _check_one_value(where, "PixelSpacing", [(h[0], _rounded(h[4])) for h in headers],
-                     "has another pixel spacing: inconsistent spacing")
-    slices = []
-    for path, ds, _, ipp, _ in headers:
-        try:
-            pixels = ds.pixel_array.astype(np.float32)
-        except (AttributeError, ValueError, RuntimeError, NotImplementedError) as err:
-            raise RawDataError(f"{where}: {path}: cannot decode the pixel data ({err})") from None
-        if pixels.ndim != 2:
-            raise RawDataError(f"{where}: {path.name}: expected one 2D slice per file, got shape {pixels.shape}")
-        slope, intercept = float(ds.get("RescaleSlope", 1.0)), float(ds.get("RescaleIntercept", 0.0))
-        slices.append((ipp, path, pixels * np.float32(slope) + np.float32(intercept)))
-
-    iop, spacing = headers[0][2], headers[0][4]
-    row_dir, col_dir = iop[:3], iop[3:]
-    if abs(np.linalg.norm(row_dir) - 1) > 1e-3 or abs(np.linalg.norm(col_dir) - 1) > 1e-3 \
-            or abs(float(row_dir @ col_dir)) > 1e-3:
-        raise RawDataError(f"{where}: ImageOrientationPatient {iop.tolist()} is not two orthonormal vectors")
-    normal = np.cross(row_dir, col_dir)
-    slices.sort(key=lambda s: float(s[0] @ normal))
-    positions = np.array([float(s[0] @ normal) for s in slices])
-    gaps = np.diff(positions)
-    if len(gaps):
-        for i, gap in enumerate(gaps):
-            if gap < 1e-3:
-                raise RawDataError(f"{where}: {slices[i][1].name} and {slices[i + 1][1].name} lie at the same "
-                                   f"position {positions[i]:.3f} mm: the folder mixes two acquisitions")
-        median = float(np.median(gaps))
-        for i, gap in enumerate(gaps):
-            if abs(gap - median) > _POSITION_RTOL * median:
-                raise RawDataError(
-                    f"{where}: gap of {gap:.3f} mm between {slices[i][1].name} and {slices[i + 1][1].name}, the "
-                    f"other slices are {median:.3f} mm apart: missing slice(s) or mixed acquisitions")
-        slice_gap = float(gaps.mean())
-    else:  # a single slice: fall back on the tags
-        ds = pydicom.dcmread(slices[0][1], stop_before_pixels=True)
-        slice_gap = float(ds.get("SpacingBetweenSlices", ds.get("SliceThickness", 1.0)))
-    direction = np.column_stack([row_dir, col_dir, normal])
-    geometry = Geometry(spacing=(float(spacing[1]), float(spacing[0]), slice_gap),
-                        origin=tuple(float(v) for v in slices[0][0]),
-                        direction=tuple(float(v) for v in direction.ravel()))
-    files_sorted = [s[1] for s in slices]
-    numbers = [slice_number(p, where) for p in files_sorted] if numbered_files else []
-    dup = _first_duplicate(numbers, files_sorted)
-    if dup:
-        raise RawDataError(f"{where}: DICOM files {dup[0].name} and {dup[1].name} carry the same slice number")
-    return DicomSeries(np.stack([s[2] for s in slices]), geometry, files_sorted, numbers)
-
-
-def _rounded(values: np.ndarray) -> tuple[float, ...]:
-    return tuple(round(float(v), 4) for v in values)
-
-
-def _check_one_value(where: str, tag: str, values: list[tuple[Path, object]], problem: str) -> None:
-    """Raise naming a file whose ``tag`` differs from the most common value (ties: the first file's value)."""
-    counts: dict[object, int] = {}
-    for _, v in values:
-        counts[v] = counts.get(v, 0) + 1
-    if len(counts) < 2:
-        return
-    common = max(counts, key=lambda v: (counts[v], -next(i for i, (_, w) in enumerate(values) if w == v)))
-    odd_path, odd = next((p, v) for p, v in values if v != common)
-    ref_path = next(p for p, v in values if v == common)
-    raise RawDataError(f"{where}: {odd_path.name} {problem} ({tag} {odd} vs {common} in {counts[common]} files "
-                       f"such as {ref_path.name})")
-
-
-def _first_duplicate(numbers: Sequence[int], files: Sequence[Path]) -> tuple[Path, Path] | None:
-    seen: dict[int, Path] = {}
-    for n, f in zip(numbers, files):
-        if n in seen:
-            return seen[n], f
-        seen[n] = f
-    return None
 
 
 # -------------------------------------------------------------------- PNG ground truth
@@ -286,7 +128,7 @@ def pair_ground_truth(series: DicomSeries, png_files: Sequence[Path], where: str
     if not png_files:
         raise RawDataError(f"{where}: no ground-truth PNG files")
     png_numbers = [slice_number(p, where) for p in png_files]
-    dup = _first_duplicate(png_numbers, png_files)
+    dup = first_duplicate(png_numbers, png_files)
     if dup:
         raise RawDataError(f"{where}: PNG files {dup[0].name} and {dup[1].name} carry the same slice number")
     by_number = dict(zip(png_numbers, png_files))
@@ -353,7 +195,7 @@ def convert_patient(patient_dir: str | Path, pid: int) -> tuple[sitk.Image, sitk
 def normalize_scan(image: sitk.Image, label: sitk.Image, spacing: Sequence[float] = TARGET_SPACING,
                    out_hw: Sequence[int] = OUT_HW,
                    percentile: float = MR_CLIP_PERCENTILE) -> tuple[sitk.Image, sitk.Image]:
-    """MR normalisation of one scan (SPEC 3.1 steps 3-5; reused for CMR).
+    """MR normalisation of one scan (docs/method.md#chaos-t2-mri steps 3-5; reused for CMR).
 
     Clip above the ``percentile``-th percentile, resample to ``spacing`` with the original's size rule (labels one
     value at a time), centre crop or pad in-plane to ``out_hw`` (image padded with its minimum, labels with 0).
@@ -446,7 +288,7 @@ def run(raw: str | Path | None, out: str | Path, steps: Sequence[str] = STEPS, w
         work: intermediate folder (default ``out/intermediate``).
         scan_ids: patients to convert (default: all found).
         workers: processes for the superpixels.
-        parity: the original's superpixel numbering (Q2).
+        parity: the original's superpixel numbering (docs/method.md#q2-superpixel-numbering).
         keep_intermediate: keep ``work`` after a full run.
     """
     info = info or get_dataset_info(DATASET)
@@ -471,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     """Command-line entry point: 0 on success, 1 when the verification fails, 2 on an input error."""
     parser = pipeline_parser("python -m data_preprocessing.chaos", __doc__.split("\n")[0], STEPS,
                              "the CHAOS 'MR' folder (holding <patient id>/T2SPIR/{DICOM_anon,Ground})",
-                             "the original's superpixel numbering (Q2)")
+                             "the original's superpixel numbering (docs/method.md#q2-superpixel-numbering)")
     args = parser.parse_args(argv)
     steps = parse_steps(args, STEPS, parser)
     try:

@@ -1,4 +1,4 @@
-"""Class-slice index ``classmap_<min_fg>.json`` (SPEC 2, 3.3; quirk Q10).
+"""Class-slice index ``classmap_<min_fg>.json`` (docs/method.md#class-slice-index).
 
 Layout: ``{"<CLASS_NAME>": {"<scan_id>": [z0, z1, ...], ...}, ...}`` for every class name of the dataset,
 background included; each list holds the sorted slice indices along SimpleITK axis 0 where the class has at
@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from data_preprocessing.pseudolabel import positive_int
 from dataloaders.dataset_info import DatasetDescriptionError, DatasetInfo, get_dataset_info
 from dataloaders.niftiio import (
     DataFormatError,
@@ -28,24 +27,8 @@ from dataloaders.niftiio import (
     read_label_volume,
     write_json,
 )
-from util.options import OptionParser
-
-
-def slice_class_counts(label: np.ndarray, n_classes: int) -> np.ndarray:
-    """Pixel count of every class on every slice.
-
-    Args:
-        label: (Z, H, W) integer labels in ``0..n_classes-1``.
-        n_classes: number of count columns.
-
-    Returns:
-        (Z, n_classes) int64 counts.
-    """
-    if label.ndim != 3:
-        raise ValueError(f"label must be a (Z, H, W) volume, got shape {label.shape}")
-    z = label.shape[0]
-    flat = label.reshape(z, -1).astype(np.int64) + n_classes * np.arange(z, dtype=np.int64)[:, None]
-    return np.bincount(flat.ravel(), minlength=z * n_classes).reshape(z, n_classes)
+from dataloaders.slice_counts import slice_counts
+from util.options import OptionParser, positive_int
 
 
 def build_classmap(labels: dict[int, np.ndarray], label_names: dict[int, str],
@@ -76,7 +59,7 @@ def build_classmap(labels: dict[int, np.ndarray], label_names: dict[int, str],
         unknown = [int(v) for v in present if int(v) not in label_names]
         if unknown:
             raise ValueError(f"scan {sid}: label ids {unknown} are not in the label map {class_ids}")
-        counts = slice_class_counts(lab, n_classes)
+        counts = slice_counts(lab, n_classes)
         for c in class_ids:
             cmap[label_names[c]][str(sid)] = np.flatnonzero(counts[:, c] >= min_fg).tolist()
     return cmap

@@ -1,4 +1,5 @@
-"""MS-CMRSeg 2019 bSSFP (C0) cardiac MRI pipeline: raw NIfTI -> processed training folder (SPEC 3.4).
+"""MS-CMRSeg 2019 bSSFP (C0) cardiac MRI pipeline: raw NIfTI -> processed training folder
+(docs/method.md#ms-cmrseg-cardiac-mri).
 
 The original has no cardiac pipeline. This one follows the CMR preprocessing published by the follow-up works
 (Q-Net, ``shenqq377/Q-Net`` ``data/CMR/image_normalize.ipynb`` and ``class_slice_index_gen.ipynb``; ADNet states
@@ -40,18 +41,18 @@ from tqdm import tqdm
 
 from data_preprocessing import chaos
 from data_preprocessing.intensity import map_label_values
-from data_preprocessing.verify import (
+from data_preprocessing.pipeline import (
     FINAL_STEPS,
-    RawDataError,
-    check_pair_grid,
     parse_scan_list,
     parse_steps,
     pipeline_parser,
     remove_intermediate,
     run_final_steps,
 )
+from data_preprocessing.scan_reader import check_same_grid
 from dataloaders.dataset_info import DatasetInfo, get_dataset_info
 from dataloaders.niftiio import DataFormatError, image_path, label_path, read_sitk, write_volume
+from util.errors import RawDataError
 
 DATASET = "CMR"
 RAW_TO_LABEL: dict[int, int] = {0: 0, 200: 1, 500: 2, 600: 3}  # LV_MYO, LV_BP, RV (dataset registry ids)
@@ -126,7 +127,7 @@ def convert_case(img_path: Path, lbl_path: Path) -> tuple[sitk.Image, sitk.Image
         raise RawDataError(str(err)) from None
     if img.GetDimension() != 3:
         raise RawDataError(f"{img_path}: expected a 3D volume, got {img.GetDimension()}D")
-    lbl = check_pair_grid(img, lbl, img_path, lbl_path)
+    lbl = check_same_grid(img, lbl, img_path, lbl_path)
     try:
         lab = map_label_values(sitk.GetArrayFromImage(lbl), RAW_TO_LABEL, what=str(lbl_path))
     except ValueError as err:
@@ -192,7 +193,7 @@ def run(raw: str | Path | None, out: str | Path, steps: Sequence[str] = STEPS, w
         work: intermediate folder (default ``out/intermediate``).
         scan_ids: patients to convert (default: every labelled one).
         workers: processes for the superpixels.
-        legacy_superpixels: the original's superpixel numbering (Q2).
+        legacy_superpixels: the original's superpixel numbering (docs/method.md#q2-superpixel-numbering).
         keep_intermediate: keep ``work`` after a run doing both ``convert`` and ``normalize``.
     """
     info = info or get_dataset_info(DATASET)
@@ -217,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     """Command-line entry point: 0 on success, 1 when the verification fails, 2 on an input error."""
     parser = pipeline_parser("python -m data_preprocessing.cmr", __doc__.split("\n")[0], STEPS,
                              "the MS-CMRSeg folder (searched recursively for patient<N>_C0[_manual].nii.gz)",
-                             "the original's superpixel numbering (Q2); there is no original CMR pipeline")
+                             "the original's superpixel numbering (docs/method.md#q2-superpixel-numbering); "
+                             "there is no original CMR pipeline")
     args = parser.parse_args(argv)
     steps = parse_steps(args, STEPS, parser)
     try:

@@ -22,7 +22,8 @@ Public interface::
     preprocessing_record(data_dir, name, modality) -> dict   the checkpoint's "preprocessing" entry (training.py)
     preprocessing_from_checkpoint(ckpt) -> PrepareSettings | None
 
-The transform, in order (every step keeps each voxel's physical position in mm; SPEC 3 for the registry's rules):
+The transform, in order (every step keeps each voxel's physical position in mm; the registry's rules:
+docs/method.md#preprocessing):
 
 1. **Reorientation** to one common orientation, ``LPS`` (SimpleITK ``DICOMOrient``): the array axes are permuted
    and flipped (no interpolation) so that array index x grows towards the patient's left, y towards posterior and
@@ -30,22 +31,23 @@ The transform, in order (every step keeps each voxel's physical position in mm; 
    processed scans and of the phantom. A slice (Z axis 0) then shows the anatomy the same way up whatever the
    scanner wrote (NIfTI RAS, DICOM LPS, flipped or permuted axes). Oblique scans keep the nearest such
    orientation and their residual direction matrix.
-2. **Intensity** on the reoriented volume. CT: clip to ``window`` (default -125..275 HU) and map it linearly to
-   0..255, ``(HU - lo) / (hi - lo) * 255`` (SPEC 3.2, the fixed formula of Q19). MR: clip above the
-   ``mr_clip_percentile``-th percentile of the volume (default 99.5), no lower clip (SPEC 3.1).
+2. **Intensity** on the reoriented volume. CT: clip to ``window`` (default -125..275 HU) and map it linearly to 0..255,
+   ``(HU - lo) / (hi - lo) * 255`` (docs/method.md#q19-ct-rescaling, the fixed formula). MR: clip above the
+   ``mr_clip_percentile``-th percentile of the volume (default 99.5), no lower clip (docs/method.md#chaos-t2-mri).
 3. **Resampling** in-plane to ``spacing`` (mm); z kept unless ``z_spacing`` is set. Output size per axis
-   ``max(1, round(n * s / t))`` (the physical extent of the scan; not the original's ``+ 1`` rule, Q1), origin and
-   direction of the reoriented image. Default spacing: MR 1.25 mm (CHAOS, SPEC 3.1); CT 1.75 x the scan's own
-   in-plane spacing (the SABS rule: 448 px of a 512 px scan become 256, SPEC 3.2).
+   ``max(1, round(n * s / t))`` (the physical extent of the scan; not the original's ``+ 1`` rule,
+   docs/method.md#resampling-rule), origin and direction of the reoriented image. Default spacing: MR 1.25 mm (CHAOS);
+   CT 1.75 x the scan's own in-plane spacing (the SABS rule: 448 px of a 512 px scan become 256;
+   docs/method.md#physical-scale).
 4. **Centre crop or pad** in-plane to ``size x size`` around (rows // 2, cols // 2) of the resampled grid
    (:func:`data_preprocessing.resample.center_start`); padding holds the volume's minimum after step 2.
 
-Steps 3 and 4 are one linear resampling from the reoriented grid onto the final grid (no intermediate image, so
-no second interpolation); the CT clip runs before it, on the scan's grid, and the linear map to 0..255 after it,
-on the smaller processed grid (an affine map commutes with linear interpolation: the same values, less work).
-Labels take the same path one value at a time: each value's binary mask is resampled linearly and kept where it
-rounds to 1, values in ascending order, higher ids overwrite lower ones (SPEC 3); only the block around each
-value's bounding box is resampled, which gives exactly the whole-volume result (tested) in a fraction of the time.
+Steps 3 and 4 are one linear resampling from the reoriented grid onto the final grid (no intermediate image, so no
+second interpolation); the CT clip runs before it, on the scan's grid, and the linear map to 0..255 after it, on the
+smaller processed grid (an affine map commutes with linear interpolation: the same values, less work). Labels take the
+same path one value at a time: each value's binary mask is resampled linearly and kept where it rounds to 1, values in
+ascending order, higher ids overwrite lower ones (docs/method.md#resampling-rule); only the block around each value's
+bounding box is resampled, which gives exactly the whole-volume result (tested) in a fraction of the time.
 :func:`to_source_grid` resamples a label map on the processed grid onto the source grid the same way (or by
 nearest neighbour), so a predicted label lands on the same physical points in mm as in the source scan.
 
@@ -57,7 +59,6 @@ folder; both are project errors that the command-line tools turn into one ``erro
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,229 +69,19 @@ import SimpleITK as sitk
 
 from data_preprocessing.intensity import CT_WINDOW, MR_CLIP_PERCENTILE, rescale_window
 from data_preprocessing.resample import center_start
-from data_preprocessing.verify import RawDataError
-from dataloaders.niftiio import DataFormatError, Geometry, read_header, read_sitk
+from dataloaders.niftiio import DataFormatError
 
 ORIENTATION = "LPS"  # common orientation of every processed scan (identity direction for axis-aligned scans)
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
-COMPANION_SUFFIXES = (".raw", ".zraw", ".raw.gz", ".img", ".img.gz")  # data files of .mhd/.nhdr headers
-MR_SPACING = 1.25  # in-plane mm of the MR registry datasets (CHAOS, SPEC 3.1; CMR; the phantom)
-CT_SPACING_FACTOR = 1.75  # SABS rule: new in-plane spacing = 1.75 x the scan's own (448 px -> 256, SPEC 3.2)
+MR_SPACING = 1.25  # in-plane mm of the MR registry datasets (CHAOS, CMR, the phantom)
+CT_SPACING_FACTOR = 1.75  # SABS rule: in-plane spacing x 1.75 (448 px -> 256, docs/method.md#sabs-ct)
 DEFAULT_SIZE = 256
-# Registry datasets: (in-plane spacing in mm or None for the CT rule, z spacing in mm or None = kept), SPEC 3.
+# Registry datasets: (in-plane spacing in mm or None for the CT rule, z spacing in mm or None = kept),
+# docs/method.md#preprocessing.
 REGISTRY_GRIDS: dict[str, tuple[float | None, float | None]] = {
     "CHAOST2": (1.25, 7.70), "CMR": (1.25, 7.99), "PHANTOM": (1.25, 7.70), "SABS": (None, None),
 }
-_DIGITS = re.compile(r"(\d+)")
 
 Modality = Literal["CT", "MR"]
-
-
-# -------------------------------------------------------------------- names and discovery
-def scan_name(path: str | Path) -> str:
-    """Name of a scan: the file name without its image suffix (``.nii.gz`` etc.), or the folder name."""
-    path = Path(path)
-    name = path.name
-    for suffix in IMAGE_SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
-def natural_key(text: str) -> list[Any]:
-    """Sort key with numbers compared as numbers: ``scan2`` < ``scan10``."""
-    return [int(t) if t.isdigit() else t.lower() for t in _DIGITS.split(text)]
-
-
-def is_image_file(path: Path) -> bool:
-    """A file with one of :data:`IMAGE_SUFFIXES` (case-insensitive)."""
-    return path.is_file() and path.name.lower().endswith(IMAGE_SUFFIXES)
-
-
-def _visible(folder: Path) -> list[Path]:
-    return [p for p in folder.iterdir() if not p.name.startswith(".")]
-
-
-def list_scans(paths: Sequence[str | Path]) -> list[Path]:
-    """Expand the scan arguments of a command line into one path per scan.
-
-    - an image file is a scan;
-    - a folder holding image files: each image file is a scan (``.raw``/``.zraw`` companions of ``.mhd`` headers
-      are skipped; any other file there is an error);
-    - a folder holding other files only: one DICOM series, one scan;
-    - a folder holding only sub-folders: each sub-folder is a DICOM series, one scan each.
-
-    Each argument's scans are sorted numeric-aware (``scan2`` before ``scan10``); arguments keep their order.
-
-    Raises:
-        RawDataError: a path that does not exist, an empty folder, a folder mixing image files with other files,
-            or a scan listed twice.
-    """
-    out: list[Path] = []
-    for arg in paths:
-        path = Path(arg)
-        if path.is_file():
-            if path.name.lower().endswith(COMPANION_SUFFIXES):
-                raise RawDataError(f"{path}: a raw data file; pass its header (.mhd/.nhdr) instead")
-            out.append(path)
-            continue
-        if not path.is_dir():
-            raise RawDataError(f"{path}: no such file or folder")
-        entries = _visible(path)
-        files = [p for p in entries if p.is_file()]
-        images = [p for p in files if is_image_file(p)]
-        if images:
-            others = [p for p in files if p not in images and not p.name.lower().endswith(COMPANION_SUFFIXES)]
-            if others:
-                raise RawDataError(f"{path}: holds image files and other files (such as {others[0].name}); keep "
-                                   f"a DICOM series in a folder of its own")
-            out += sorted(images, key=lambda p: natural_key(p.name))
-        elif files:
-            out.append(path)  # one DICOM series
-        else:
-            subdirs = sorted((p for p in entries if p.is_dir()), key=lambda p: natural_key(p.name))
-            if not subdirs:
-                raise RawDataError(f"{path}: empty folder, no scan in it")
-            for sub in subdirs:
-                if not any(p.is_file() for p in _visible(sub)):
-                    raise RawDataError(f"{sub}: holds no file; expected a DICOM series (one file per slice)")
-            out += subdirs
-    seen: set[Path] = set()
-    for p in out:
-        key = p.resolve()
-        if key in seen:
-            raise RawDataError(f"{p}: listed twice")
-        seen.add(key)
-    return out
-
-
-# -------------------------------------------------------------------- reading
-def _check_volume(img: sitk.Image, path: Path) -> None:
-    if img.GetDimension() != 3 or img.GetNumberOfComponentsPerPixel() != 1:
-        raise RawDataError(f"{path}: expected a 3D single-channel volume, got a {img.GetDimension()}D image with "
-                           f"{img.GetNumberOfComponentsPerPixel()} component(s) per voxel")
-    if min(img.GetSize()) < 1:
-        raise RawDataError(f"{path}: empty volume of size {img.GetSize()}")
-
-
-def read_scan(path: str | Path) -> tuple[sitk.Image, str]:
-    """Read one scan as a float32 SimpleITK image with its physical geometry.
-
-    Args:
-        path: a NIfTI (.nii, .nii.gz; the gzip stream is checked end to end), NRRD (.nrrd, .nhdr) or MetaImage
-            (.mha, .mhd) file, or a folder holding one DICOM series (one file per slice). The DICOM slices are
-            ordered by ImagePositionPatient projected on the slice normal, never by file order
-            (:func:`data_preprocessing.chaos.read_dicom_series`, which also refuses mixed series and gaps);
-            RescaleSlope/Intercept are applied (CT in HU).
-
-    Returns:
-        (image, name): float32 3D image; ``name`` is the file stem (without ``.nii.gz`` etc.) or the folder name.
-
-    Raises:
-        RawDataError: not a 3D single-channel volume, non-finite voxels, or a bad DICOM series (names the file or
-            folder). DataFormatError: a missing, truncated or unreadable file, or a float NIfTI file storing NaN or
-            infinite voxels (:func:`dataloaders.niftiio.read_sitk`).
-    """
-    from data_preprocessing.chaos import read_dicom_series  # pydicom is only needed for DICOM
-
-    path = Path(path)
-    if path.is_dir():
-        series = read_dicom_series(path, where=str(path), numbered_files=False)
-        img = series.geometry.apply(sitk.GetImageFromArray(series.image.astype(np.float32, copy=False)))
-    else:
-        img = read_sitk(path)
-        _check_volume(img, path)
-        img = sitk.Cast(img, sitk.sitkFloat32)
-    _check_volume(img, path)
-    # (float NIfTI files are checked on their stored bytes by read_sitk: ITK's reader turns NaN into 0)
-    if not np.isfinite(sitk.GetArrayViewFromImage(img)).all():
-        raise RawDataError(f"{path}: the image holds NaN or infinite values")
-    return img, scan_name(path)
-
-
-def read_label(path: str | Path) -> sitk.Image:
-    """Read a label file (NIfTI, NRRD, MetaImage) as an Int32 image; values must be integers >= 0.
-
-    Raises:
-        RawDataError: a folder (labels must be files), not a 3D single-channel volume, non-integer or negative
-            values (names the file). DataFormatError: missing, truncated or unreadable file.
-    """
-    path = Path(path)
-    if path.is_dir():
-        raise RawDataError(f"{path}: a label must be an image file (.nii.gz, .nrrd, .mha ...), not a folder")
-    img = read_sitk(path)
-    _check_volume(img, path)
-    arr = sitk.GetArrayViewFromImage(img)
-    if arr.dtype.kind == "f":
-        if not np.isfinite(arr).all() or not np.array_equal(arr, np.rint(arr)):
-            raise RawDataError(f"{path}: label file holds non-integer values")
-    elif arr.dtype.kind not in "iub":
-        raise RawDataError(f"{path}: label values must be integers, got pixel type {img.GetPixelIDTypeAsString()}")
-    if arr.size and arr.min() < 0:
-        raise RawDataError(f"{path}: label file holds negative values (min {arr.min()})")
-    if arr.size and arr.max() > np.iinfo(np.int32).max:
-        raise RawDataError(f"{path}: label values above {np.iinfo(np.int32).max}")
-    out = sitk.GetImageFromArray(np.rint(arr).astype(np.int32) if arr.dtype.kind == "f" else arr.astype(np.int32))
-    out.CopyInformation(img)
-    return out
-
-
-def read_grid(path: str | Path) -> Grid | None:
-    """The voxel grid of an image file from its header only (no voxel data read); ``None`` for a DICOM folder.
-
-    Raises:
-        DataFormatError: the header cannot be read (names the file).
-    """
-    path = Path(path)
-    if path.is_dir():
-        return None
-    if not path.is_file():
-        raise DataFormatError(f"{path}: file not found")
-    reader = read_header(path)
-    if reader.GetDimension() != 3:
-        raise RawDataError(f"{path}: expected a 3D volume, got a {reader.GetDimension()}D image")
-    return Grid(tuple(int(v) for v in reader.GetSize()), tuple(float(v) for v in reader.GetSpacing()),
-                tuple(float(v) for v in reader.GetOrigin()), tuple(float(v) for v in reader.GetDirection()))
-
-
-def grid_problem(img_grid: Grid, lbl_grid: Grid) -> tuple[str | None, bool]:
-    """How a label's grid differs from its image's: ``(why, fatal)``; ``(None, False)`` when they agree.
-
-    Sizes must be equal. Header differences within rounding (spacing 1e-4 relative, origin 1e-3 mm, direction
-    1e-4) are no difference; small ones (spacing 1 %, origin 0.5 mm, direction 1e-2) are not fatal (the image's
-    geometry is then used); larger ones are fatal. The same tolerances as
-    :func:`data_preprocessing.verify.check_pair_grid` (the benchmark pipelines).
-    """
-    if img_grid.size != lbl_grid.size:
-        return f"size {lbl_grid.size} differs from the image's {img_grid.size}", True
-    gi = Geometry(img_grid.spacing, img_grid.origin, img_grid.direction)
-    gl = Geometry(lbl_grid.spacing, lbl_grid.origin, lbl_grid.direction)
-    why = gi.mismatch(gl)
-    if why is None:
-        return None, False
-    close = (np.allclose(gi.spacing, gl.spacing, rtol=1e-2, atol=0)
-             and np.allclose(gi.origin, gl.origin, rtol=0, atol=0.5)
-             and np.allclose(gi.direction, gl.direction, rtol=0, atol=1e-2))
-    return why, not close
-
-
-def check_same_grid(img: sitk.Image, lbl: sitk.Image, img_path: str | Path, lbl_path: str | Path) -> sitk.Image:
-    """Check that a label lies on its image's voxel grid; return it carrying the image's exact geometry.
-
-    Tolerances of :func:`grid_problem`; a small header difference is reported (one line) and the image's geometry
-    is used.
-
-    Raises:
-        RawDataError: another size or a clearly different geometry; the message names both files.
-    """
-    why, fatal = grid_problem(Grid.of(img), Grid.of(lbl))
-    if fatal:
-        raise RawDataError(f"{lbl_path}: not on the grid of its image {img_path}: {why}")
-    if why is not None:
-        print(f"note: {lbl_path}: header differs slightly from {img_path} ({why}); using the image's geometry")
-    out = sitk.Image(lbl)
-    out.CopyInformation(img)
-    return out
 
 
 # -------------------------------------------------------------------- settings
@@ -375,7 +166,8 @@ class PrepareSettings:
 
     @classmethod
     def registry(cls, name: str, modality: Modality) -> PrepareSettings:
-        """The settings equivalent to a registry dataset's own pipeline (SPEC 3): CHAOST2/PHANTOM 1.25 mm and
+        """The settings equivalent to a registry dataset's own pipeline (docs/method.md#preprocessing):
+        CHAOST2/PHANTOM 1.25 mm and
         7.70 mm slices, CMR 1.25 / 7.99 mm, SABS the CT rule with slices kept; another name: the modality's
         defaults."""
         spacing, z_spacing = REGISTRY_GRIDS.get(name, (None, None))
@@ -547,8 +339,9 @@ def preprocess_image(img: sitk.Image, settings: PrepareSettings) -> tuple[np.nda
     reoriented_img = sitk.DICOMOrient(img, ORIENTATION)
     reoriented = Grid.of(reoriented_img)
     resampled, start, processed = plan_grids(reoriented, settings)
-    # The clip runs on the scan's own grid (SPEC 3: before resampling); the linear CT map commutes with linear
-    # interpolation, so it runs on the (smaller) processed grid: the same values, a fraction of the work.
+    # The clip runs on the scan's own grid (before resampling, as in docs/method.md#preprocessing); the linear CT map
+    # commutes with linear interpolation, so it runs on the (smaller) processed grid: the same values, a fraction of
+    # the work.
     view = sitk.GetArrayViewFromImage(reoriented_img)
     low = float(view.min())
     if settings.modality == "CT":
@@ -633,7 +426,8 @@ def _resample_values(arr: np.ndarray, src: Grid, grid: Grid, values: Sequence[in
 def preprocess_label(lbl: sitk.Image, transform: GridTransform) -> np.ndarray:
     """Bring a label map of the source grid onto the processed grid (same reorientation and grid as the image).
 
-    Each value's binary mask is resampled linearly and kept where it rounds to 1, in ascending order (SPEC 3).
+    Each value's binary mask is resampled linearly and kept where it rounds to 1, in ascending order
+    (docs/method.md#resampling-rule).
 
     Args:
         lbl: integer labels on ``transform.source`` (check with :func:`check_same_grid` first).
@@ -710,7 +504,7 @@ def to_source_grid(array_zyx: np.ndarray, transform: GridTransform,
 
 # -------------------------------------------------------------------- checkpoints
 SCANS_FILE = "scans.json"  # written by data_preprocessing.prepare next to the processed files
-NORMALIZATION = {  # load-time normalisation of the network input (SPEC 3.5; dataloaders/normalization.py)
+NORMALIZATION = {  # normalisation of the network input (docs/method.md#load-time-normalisation)
     "MR": "per-volume z-score (mean and std of the whole processed volume)",
     "CT": "global z-score with the training scans' mean and std (the checkpoint's 'normalizer')",
 }

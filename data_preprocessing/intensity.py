@@ -1,13 +1,14 @@
-"""Intensity and value transforms of the preprocessing pipelines (SPEC 3.1, 3.2, 3.4; quirks Q19, Q24).
+"""Intensity and value transforms of the preprocessing pipelines (docs/method.md#preprocessing).
 
 Pure functions on NumPy arrays, no file I/O:
 
 - :func:`clip_upper_percentile`: MR bright-end cut (CHAOS, CMR: values above the 99.5th percentile);
 - :func:`window_ct`, :func:`rescale_window`, :func:`rescale_min_max`, :func:`ct_to_uint8_range`: CT windowing
   to [-125, 275] HU and rescaling to [0, 255], either with the fixed formula ``(HU + 125) / 400 * 255``
-  (default) or with the volume's own min and max after clipping (the original's behaviour, Q19);
+  (default) or with the volume's own min and max after clipping (the original's behaviour,
+  docs/method.md#q19-ct-rescaling);
 - :func:`map_label_values`: an exact raw-value -> label-id map (CHAOS grey values, MS-CMRSeg 200/500/600) that
-  refuses any value it does not know (Q24).
+  refuses any value it does not know (docs/method.md#q24-chaos-grey-values).
 """
 
 from __future__ import annotations
@@ -17,15 +18,15 @@ from typing import Literal
 
 import numpy as np
 
-CT_WINDOW: tuple[float, float] = (-125.0, 275.0)  # HU window of the abdominal CT pipeline (SPEC 3.2)
+CT_WINDOW: tuple[float, float] = (-125.0, 275.0)  # HU window of the abdominal CT pipeline (docs/method.md#sabs-ct)
 CT_OUT_MAX = 255.0  # CT intensities are stored in [0, CT_OUT_MAX]
-MR_CLIP_PERCENTILE = 99.5  # MR: values above this percentile of the volume are cut (SPEC 3.1)
+MR_CLIP_PERCENTILE = 99.5  # MR: values above this percentile are cut (docs/method.md#chaos-t2-mri)
 
 
 def clip_upper_percentile(img: np.ndarray, percentile: float = MR_CLIP_PERCENTILE) -> np.ndarray:
     """Cut the bright end of the histogram: values above the ``percentile``-th percentile are set to it.
 
-    There is no lower clip and no normalisation (SPEC 3.1 step 3).
+    There is no lower clip and no normalisation (docs/method.md#chaos-t2-mri, step 3).
 
     Args:
         img: (Z, H, W) (or any shape) image; the percentile is taken over the whole array.
@@ -59,7 +60,8 @@ def window_ct(hu: np.ndarray, low: float = CT_WINDOW[0], high: float = CT_WINDOW
 
 def rescale_window(windowed: np.ndarray, low: float = CT_WINDOW[0], high: float = CT_WINDOW[1],
                    out_max: float = CT_OUT_MAX) -> np.ndarray:
-    """Fixed linear map of the window to ``[0, out_max]``: ``(x - low) / (high - low) * out_max`` (default, Q19).
+    """Fixed linear map of the window to ``[0, out_max]``: ``(x - low) / (high - low) * out_max`` (default,
+    docs/method.md#q19-ct-rescaling).
 
     Args:
         windowed: (Z, H, W) values already clipped to ``[low, high]``.
@@ -72,7 +74,8 @@ def rescale_window(windowed: np.ndarray, low: float = CT_WINDOW[0], high: float 
 
 
 def rescale_min_max(windowed: np.ndarray, out_max: float = CT_OUT_MAX) -> np.ndarray:
-    """The original's per-volume map ``(x - min) / (max - min) * out_max`` (parity, Q19).
+    """The original's per-volume map ``(x - min) / (max - min) * out_max`` (parity,
+    docs/method.md#q19-ct-rescaling).
 
     It equals :func:`rescale_window` only when both window bounds occur in the volume.
 
@@ -91,12 +94,12 @@ def rescale_min_max(windowed: np.ndarray, out_max: float = CT_OUT_MAX) -> np.nda
 
 def ct_to_uint8_range(hu: np.ndarray, mode: Literal["fixed", "per_volume"] = "fixed",
                       low: float = CT_WINDOW[0], high: float = CT_WINDOW[1]) -> np.ndarray:
-    """Window a CT volume and rescale it to [0, 255] (SPEC 3.2 steps 1-2).
+    """Window a CT volume and rescale it to [0, 255] (docs/method.md#sabs-ct, steps 1-2).
 
     Args:
         hu: (Z, H, W) CT volume in HU.
         mode: ``"fixed"``: ``(HU - low) / (high - low) * 255``; ``"per_volume"``: the original's min/max of the
-            windowed volume (Q19).
+            windowed volume (docs/method.md#q19-ct-rescaling).
         low, high: HU window.
 
     Returns:

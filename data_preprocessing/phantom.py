@@ -1,7 +1,7 @@
 """Synthetic abdominal phantom: the project's embedded default dataset (``PHANTOM``).
 
 Writes ``image_<id>.nii.gz`` (float32) and ``label_<id>.nii.gz`` (uint8) for ids ``0..N-1`` in the processed format
-of SPEC section 2, with CHAOST2 label ids (0 BG, 1 LIVER, 2 RK, 3 LK, 4 SPLEEN), plus a ``dataset.json5``
+of docs/method.md#datasets, with CHAOST2 label ids (0 BG, 1 LIVER, 2 RK, 3 LK, 4 SPLEEN), plus a ``dataset.json5``
 description of the folder. Class maps and superpixels are built by their own modules.
 
 Anatomy (axial slices, radiological display: anterior at the top, the patient's right on the image's left; the
@@ -44,6 +44,7 @@ import numpy as np
 from scipy import ndimage
 from tqdm import tqdm
 
+from dataloaders.dataset_info import BODY_THRESHOLD
 from dataloaders.niftiio import Geometry, image_path, label_path, write_json, write_volume
 from util.options import OptionParser, int_at_least
 
@@ -77,7 +78,7 @@ _CT = {
     "FLUID": (10, 10, 8, 4), "BOWEL_WALL": (75, 25, 10, 6), "CHYME": (30, 30, 40, 30), "LUNG": (-850, 40, 40, 20),
     "PANCREAS": (80, 25, 12, 8),
 }
-CT_WINDOW = (-125.0, 275.0)  # HU window mapped to [0, 255] (SPEC 3.2)
+CT_WINDOW = (-125.0, 275.0)  # HU window mapped to [0, 255] (docs/method.md#sabs-ct)
 MR_SLICE_MM, CT_SLICE_MM = 7.7, 5.0
 MR_PIXEL_MM, CT_PIXEL_MM = 1.25, 1.17  # at 256x256; scaled by 256/size so the field of view stays fixed
 
@@ -147,8 +148,288 @@ class _Painter:
         self.label[zs][mask] = label
 
 
+class _Anatomy:
+    """One scan's anatomy, drawn in named steps that share the body frame (units of 1.25 mm, centred on the body).
+
+    The steps run in a fixed order (:func:`build_anatomy`); each draws from the scan's generator in turn, so the order
+    of the steps is part of the phantom's definition (a scan is a pure function of its seed).
+    """
+
+    def __init__(self, rng: np.random.Generator, n_slices: int, size: int) -> None:
+        self.rng, self.nz, self.size = rng, n_slices, size
+        self.s = size / 256.0  # pixels per unit; one unit = 1.25 mm (the MR pixel at 256x256)
+        self.shape = (n_slices, size, size)
+        self.zc = ((np.arange(n_slices) + 0.5) / n_slices).astype(np.float32)  # 0 inferior .. 1 superior
+        self.p = _Painter(np.zeros(self.shape, np.uint8), np.zeros(self.shape, np.uint8))
+
+    # ---------------------------------------------------------------- body frame and wall
+    def body(self) -> None:
+        """Body frame with a smooth global deformation, the superellipse outline, skin, fat and the muscle wall."""
+        rng, s, shape, zc = self.rng, self.s, self.shape, self.zc
+        cx, cy = rng.uniform(-4, 4), rng.uniform(-6, 4)
+        coords = ((np.arange(self.size) + 0.5) / s - 128.0).astype(np.float32)
+        warp_amp = rng.uniform(3.0, 6.0)
+        sig = (1.5, 40 * s, 40 * s)
+        self.x = x = coords[None, None, :] - cx + warp_amp * smooth_noise(rng, shape, sig)
+        self.y = y = coords[None, :, None] - cy + warp_amp * smooth_noise(rng, shape, sig)
+        self.shape_noise = smooth_noise(rng, shape, (1.2, 10 * s, 10 * s))  # boundary irregularity of organs
+
+        a = rng.uniform(106, 122) * (1 + 0.04 * np.sin(2 * np.pi * (zc * rng.uniform(0.5, 1.2) + rng.uniform())))
+        self.a = a = (a - rng.uniform(0, 8) * (zc - 0.5))[:, None, None]  # slightly wider at the bottom of the chest
+        self.b = b = (rng.uniform(80, 94) * (1 + 0.03 * np.sin(2 * np.pi * (zc + rng.uniform()))))[:, None, None]
+        self.p_post = p_post = rng.uniform(2.4, 3.4)
+        rho = np.sqrt(x * x + y * y) + 1e-3
+        cth, sth = x / rho, y / rho
+        pw = np.where(y > 0, np.float32(p_post), np.float32(2.0))
+        r = (np.abs(x / a) ** pw + np.abs(y / b) ** pw) ** (1 / pw)
+        c2, c3 = 2 * cth * cth - 1, 4 * cth ** 3 - 3 * cth
+        s2 = 2 * sth * cth
+        rb = 1 + rng.uniform(-0.03, 0.03) * c2 + rng.uniform(-0.02, 0.02) * c3 + rng.uniform(-0.02, 0.02) * s2
+        reach = rho / r  # distance from centre to the boundary along the ray, in units (for r = 1)
+        self.depth = depth = (rb - r) * reach  # approximate depth below the skin, units
+
+        self.tf_base, self.tm0 = tf_base, tm0 = rng.uniform(7, 24), rng.uniform(6, 10)
+        tf = tf_base * (1 + 0.35 * cth * cth - 0.15 * np.maximum(sth, 0))  # fat thicker at the flanks, thin at the back
+        tm = tm0 * (0.75 + 0.5 * sth * sth + 0.3 * np.clip(-sth, 0, None))  # wall thicker front and back
+        body = depth > 0
+        self.inner_depth = depth - tf - tm  # depth below the muscle wall (units)
+        self.cavity = cavity = self.inner_depth > 0
+        p, al = self.p, slice(None)
+        p.paint(al, body, "SUBCUT_FAT")
+        p.paint(al, body & (depth < 2.0), "SKIN")
+        p.paint(al, (depth > tf) & ~cavity & ((np.abs(x) > 2.5 * (1 + tf_base / 20)) | (y > 0)), "MUSCLE")  # linea alba
+        p.paint(al, cavity, "VISCERAL_FAT")
+        self.a_c = float(np.mean(a)) - tf_base * 1.3 - tm0 * 0.8  # approximate cavity half-axes (units)
+        self.b_c = float(np.mean(b)) - tf_base * 0.9 - tm0 * 1.1
+        self.back = float(np.mean(b)) - tf_base * 0.85  # posterior muscle surface at the midline
+
+    def spine_frame(self) -> None:
+        """Vertebral body size and the positions of the canal and the vertebral body (drawn, not painted yet)."""
+        rng = self.rng
+        self.ax_vb, self.ay_vb = rng.uniform(14, 18), rng.uniform(11, 14)
+        self.y_canal = self.back - rng.uniform(28, 34)
+        self.y_vb = self.y_canal - 8 - self.ay_vb
+
+    def bowel(self) -> None:
+        """Bowel loops, painted first: every organ overrides them."""
+        rng, s, shape, p, al = self.rng, self.s, self.shape, self.p, slice(None)
+        g = smooth_noise(rng, shape, (0.9, 6.5 * s, 6.5 * s))
+        content = smooth_noise(rng, shape, (2.0, 18 * s, 18 * s))
+        thr = (0.15 + 0.9 * np.clip(self.zc - 0.55, 0, None))[:, None, None]  # fewer loops under the diaphragm
+        inner = self.inner_depth > 3
+        lumen = inner & (g > thr + 0.35)
+        wall = inner & (g > thr) & ~lumen
+        p.paint(al, wall, "BOWEL_WALL")
+        p.paint(al, lumen & (content < -0.6), "GAS")
+        p.paint(al, lumen & (content >= -0.6) & (content < 0.6), "CHYME")
+        p.paint(al, lumen & (content >= 0.6), "FLUID")
+
+    # ---------------------------------------------------------------- helpers of the organ steps
+    def slab(self, z0: int, z1: int) -> tuple[slice, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray,
+                                               np.ndarray]:
+        """Slices z0..z1: (slice, relative height u 0..1 within the slab, x, y, shape noise, cavity, inner depth)."""
+        zs = slice(z0, z1 + 1)
+        u = ((np.arange(z0, z1 + 1) - z0) / max(z1 - z0, 1)).astype(np.float32)  # 0 inferior end .. 1 superior
+        return zs, u, self.x[zs], self.y[zs], self.shape_noise[zs], self.cavity[zs], self.inner_depth[zs]
+
+    def with_halo(self, zs: slice, f: np.ndarray, halo: float, tissue: str, label: int, cav: np.ndarray,
+                  tissue_halo: str = "VISCERAL_FAT") -> np.ndarray:
+        """Paint a fat plane ``f < 1 + halo`` (inside the cavity), then the organ ``f < 1``; return the organ mask."""
+        self.p.paint(zs, (f < 1 + halo) & cav, tissue_halo)
+        m = (f < 1) & cav
+        self.p.paint(zs, m, tissue, label)
+        return m
+
+    # ---------------------------------------------------------------- organs
+    def lungs_and_heart(self) -> None:
+        """Lungs and heart on the top slices."""
+        rng, nz, a_c, b_c, p = self.rng, self.nz, self.a_c, self.b_c, self.p
+        lz0 = int(round(nz * rng.uniform(0.80, 0.88)))
+        zs, u, xs, ys, ns, cav, dep = self.slab(lz0, nz - 1)
+        grow = (0.35 + 0.65 * u)[:, None, None]
+        for side in (-1, 1):
+            f = _ellipse(xs, ys, side * a_c * 0.5, b_c * 0.2, a_c * 0.45 * grow, b_c * 0.75 * grow) + 0.08 * ns
+            self.with_halo(zs, f, 0.12, "LUNG", 0, dep > -2, "MUSCLE")
+        f = _ellipse(xs, ys, a_c * 0.12, -b_c * 0.15, a_c * 0.5 * grow, b_c * 0.55 * grow, 0.4) + 0.05 * ns  # heart
+        self.with_halo(zs, f, 0.1, "MUSCLE", 0, cav)
+        p.paint(zs, (f < 0.75) & cav, "AORTA")  # blood pool: same flow appearance as the aorta
+
+    def stomach(self) -> None:
+        """Stomach, upper left and anterior, with an air-fluid level."""
+        rng, nz, a_c, b_c, p = self.rng, self.nz, self.a_c, self.b_c, self.p
+        z0, z1 = _organ_range(nz, rng, (0.25, 0.35), rng.uniform(0.66, 0.74))
+        zs, u, xs, ys, ns, cav, dep = self.slab(z0, z1)
+        sc = (0.55 + 0.45 * np.sin(np.pi * u))[:, None, None]
+        st_cx, st_cy = a_c * rng.uniform(0.2, 0.35), -b_c * rng.uniform(0.15, 0.35)
+        st_ax, st_ay = a_c * rng.uniform(0.2, 0.32) * sc, b_c * rng.uniform(0.22, 0.34) * sc
+        f = _ellipse(xs, ys, st_cx, st_cy, st_ax, st_ay, rng.uniform(-0.5, 0.5)) + 0.1 * ns
+        p.paint(zs, (f < 1) & cav, "STOMACH_WALL")
+        lum = (f < 1 - 4.0 / (np.minimum(st_ax, st_ay) + 1)) & cav
+        level = st_cy - st_ay * rng.uniform(0.0, 0.7)  # air-fluid level; gas rises anteriorly (supine)
+        p.paint(zs, lum & (ys < level), "GAS")
+        p.paint(zs, lum & (ys >= level), "FLUID" if rng.uniform() < 0.6 else "CHYME")
+
+    def pancreas(self) -> None:
+        """Pancreas, a flat oblique ellipse in front of the spine."""
+        rng, nz, a_c = self.rng, self.nz, self.a_c
+        pz0, pz1 = _organ_range(nz, rng, (0.1, 0.16), rng.uniform(0.5, 0.58))
+        zs, u, xs, ys, ns, cav, dep = self.slab(pz0, pz1)
+        f = _ellipse(xs, ys, a_c * 0.12, self.y_vb - self.ay_vb - rng.uniform(18, 26), a_c * 0.42,
+                     rng.uniform(6, 9), rng.uniform(0.15, 0.4)) + 0.1 * ns
+        self.p.paint(zs, (f < 1) & cav, "PANCREAS")
+
+    def liver(self) -> None:
+        """Liver (right lobe and a left lobe on the upper slices) with vessels."""
+        rng, nz, a_c, b_c, p, s = self.rng, self.nz, self.a_c, self.b_c, self.p, self.s
+        lvz1 = nz - 1 - int(rng.integers(1, max(2, round(0.06 * nz)) + 1))
+        lvz0 = max(1, lvz1 - int(round(nz * rng.uniform(0.55, 0.66))) + 1)
+        self.liver_range = (lvz0, lvz1)
+        zs, u, xs, ys, ns, cav, dep = self.slab(lvz0, lvz1)
+        prof = np.where(u < 0.75, 0.3 + 0.7 * (u / 0.75) ** 0.6, 1 - 0.55 * ((u - 0.75) / 0.25) ** 2)
+        prof = (prof * rng.uniform(0.9, 1.08))[:, None, None]
+        u3 = u[:, None, None]
+        rcx = -a_c * (0.38 + 0.22 * (1 - u3)) + rng.uniform(-4, 4)
+        rcy = b_c * (-0.08 + 0.3 * (1 - u3) ** 2) + rng.uniform(-4, 4)
+        f_right = _ellipse(xs, ys, rcx, rcy, a_c * rng.uniform(0.5, 0.6) * prof,
+                           b_c * rng.uniform(0.72, 0.85) * prof)
+        u_ll = rng.uniform(0.35, 0.5)
+        v = np.clip((u3 - u_ll) / (1 - u_ll), 0, 1)
+        lax = a_c * (0.08 + rng.uniform(0.35, 0.5) * np.sqrt(v)) + 1e-3
+        lcx = -a_c * 0.1 + lax * 0.8
+        lcy = -b_c * rng.uniform(0.4, 0.55)
+        lay = (b_c * rng.uniform(0.22, 0.3) * (1 - 0.5 * np.clip((xs - lcx) / lax, 0, 1))) * np.sqrt(v) + 1e-3
+        f_left = np.where(v > 0, _ellipse(xs, ys, lcx, lcy, lax, lay), 9.0)
+        f_liver = np.minimum(f_right, f_left) + 0.07 * ns
+        self.with_halo(zs, f_liver, 0.05, "LIVER", LIVER, dep > 1.5)
+        ves = smooth_noise(rng, xs.shape, (0.8, 4 * s, 4 * s))
+        liv = p.label[zs] == LIVER
+        p.paint(zs, liv & (np.abs(ves - 1.6) < 0.12), "LIVER_VESSEL", LIVER)
+
+    def gallbladder(self) -> None:
+        """Gallbladder under the right lobe on the lower liver slices (most scans; not liver)."""
+        rng, nz, a_c, b_c = self.rng, self.nz, self.a_c, self.b_c
+        if rng.uniform() >= 0.8:
+            return
+        lvz0, lvz1 = self.liver_range
+        gz0 = lvz0 + int(round((lvz1 - lvz0) * rng.uniform(0.05, 0.2)))
+        gz1 = min(gz0 + max(2, int(round(nz * rng.uniform(0.08, 0.14)))), lvz1 - 2)
+        zs, u, xs, ys, ns, cav, dep = self.slab(gz0, gz1)
+        sc = (0.5 + 0.5 * np.sin(np.pi * u))[:, None, None]
+        f = _ellipse(xs, ys, -a_c * rng.uniform(0.15, 0.3), -b_c * rng.uniform(0.1, 0.3), 13 * sc, 9 * sc,
+                     rng.uniform(-0.8, 0.8)) + 0.05 * ns
+        self.with_halo(zs, f, 0.15, "GALLBLADDER", 0, cav)
+
+    def spleen(self) -> None:
+        """Spleen: a posterior crescent on the image right, ending near the liver's top."""
+        rng, nz, a_c, b_c = self.rng, self.nz, self.a_c, self.b_c
+        sz1 = min(self.liver_range[1] - int(rng.integers(0, 3)), nz - 2)
+        sz0 = max(1, sz1 - int(round(nz * rng.uniform(0.28, 0.38))) + 1)
+        zs, u, xs, ys, ns, cav, dep = self.slab(sz0, sz1)
+        sc = (0.45 + 0.55 * np.sin(np.pi * (0.1 + 0.8 * u)))[:, None, None] * rng.uniform(0.85, 1.1)
+        ang = rng.uniform(0.5, 0.9)  # long axis along the posterolateral wall
+        scx, scy = a_c * rng.uniform(0.48, 0.58), b_c * rng.uniform(0.15, 0.3)
+        sp_long, sp_short = b_c * rng.uniform(0.42, 0.55) * sc, a_c * rng.uniform(0.2, 0.26) * sc
+        f_out = _ellipse(xs, ys, scx, scy, sp_short, sp_long, -ang)
+        off = sp_short * rng.uniform(1.25, 1.6)
+        f_in = _ellipse(xs, ys, scx - off * np.cos(ang), scy - off * np.sin(ang), sp_short * 0.9, sp_long * 1.15,
+                        -ang)
+        f_spleen = np.where(f_in < 1, 9.0, f_out) + 0.06 * ns
+        self.with_halo(zs, f_spleen, 0.1, "SPLEEN", SPLEEN, dep > 1.5)
+
+    def kidneys(self) -> None:
+        """Kidneys on either side of the spine: cortex, medullary pyramids, renal sinus at the hilum."""
+        rng, nz, p = self.rng, self.nz, self.p
+        kc = rng.uniform(0.42, 0.5)
+        for lab, side, shift in ((RK, -1, -rng.uniform(0.02, 0.07)), (LK, 1, 0.0)):
+            z0, z1 = _organ_range(nz, rng, (0.32, 0.42), kc + shift)
+            zs, u, xs, ys, ns, cav, dep = self.slab(z0, z1)
+            sc = (0.4 + 0.6 * np.sqrt(np.clip(1 - (2 * u - 1) ** 2, 0, 1)))[:, None, None] * rng.uniform(0.9, 1.1)
+            beta = rng.uniform(0.5, 0.9)  # long axis tilted anterolaterally
+            k_long, k_short = rng.uniform(24, 30) * sc, rng.uniform(14, 18) * sc
+            kcx, kcy = side * (self.ax_vb + rng.uniform(30, 38)), self.y_vb + rng.uniform(-4, 8)
+            dxl, dyl = side * np.sin(beta), -np.cos(beta)  # long-axis direction
+            nx, ny = -side * np.cos(beta), -np.sin(beta)  # towards the hilum (anteromedial)
+            dx, dy = xs - kcx, ys - kcy
+            pl, pq = dx * dxl + dy * dyl, dx * nx + dy * ny
+            f_k = np.sqrt((pl / k_long) ** 2 + (pq / k_short) ** 2)
+            mid = (np.abs(u - 0.5) < 0.28)[:, None, None]
+            notch = np.sqrt((pl / (k_long * 0.38)) ** 2 + ((pq - k_short * 0.95) / (k_short * 0.45)) ** 2) < 1
+            f_k = np.where(notch & mid, 9.0, f_k) + 0.05 * ns
+            m = self.with_halo(zs, f_k, 0.25, "KID_CORTEX", lab, cav)
+            phi = np.arctan2(pq, pl)
+            pyramids = (f_k < 0.72) & (f_k > 0.3) & (np.cos(7 * phi) > -0.2)
+            p.paint(zs, m & pyramids, "KID_MEDULLA", lab)
+            sinus = mid & (np.sqrt((pl / (k_long * 0.45)) ** 2 + ((pq - k_short * 0.45) / (k_short * 0.4)) ** 2) < 1)
+            p.paint(zs, m & sinus, "RENAL_SINUS", lab)
+
+    def vessels_spine_muscles(self) -> None:
+        """Aorta, IVC, psoas and paraspinal muscles, the vertebral body with discs, the canal and spinous process."""
+        rng, p, al, x, y = self.rng, self.p, slice(None), self.x, self.y
+        ax_vb, ay_vb, y_vb, y_canal = self.ax_vb, self.ay_vb, self.y_vb, self.y_canal
+        zi = np.arange(self.nz)
+        p.paint(al, _ellipse(x, y, rng.uniform(5, 10), y_vb - ay_vb - 10, 10, 10) < 1, "AORTA")
+        p.paint(al, _ellipse(x, y, -rng.uniform(18, 24), y_vb - ay_vb - 6, 12, 8, 0.2) < 1, "IVC")
+        r_ps = np.clip(18 * (0.55 - self.zc) / 0.55, 0, None)[:, None, None] + 1e-3
+        for side in (-1, 1):
+            p.paint(al, (_ellipse(x, y, side * (ax_vb + 0.8 * r_ps + 2), y_vb + 2, r_ps, r_ps * 0.9) < 1)
+                    & (r_ps > 3), "MUSCLE")
+            p.paint(al, _ellipse(x, y, side * rng.uniform(20, 25), y_canal + 9, rng.uniform(18, 22), 16) < 1,
+                    "MUSCLE")
+        f_vb = _ellipse(x, y, 0, y_vb, ax_vb, ay_vb)
+        disc = ((zi * MR_SLICE_MM + rng.uniform(0, 30)) % 30.0 < 8.0)[:, None, None]  # a disc every ~4 slices
+        p.paint(al, f_vb < 1, "CORTEX")
+        p.paint(al, (f_vb < 0.85) & ~disc, "MARROW")
+        p.paint(al, (f_vb < 1) & disc, "DISC")
+        p.paint(al, _ellipse(x, y, 0, y_canal, 11, 10) < 1, "CORTEX")
+        p.paint(al, (np.abs(x) < 3.5) & (y > y_canal) & (self.depth > self.tf_base * 0.85 + 2), "CORTEX")
+        p.paint(al, _ellipse(x, y, 0, y_canal, 7, 6) < 1, "CSF")
+
+    def ribs(self) -> None:
+        """Ribs on the upper half: small oblique ovals in the muscle wall along the rib cage."""
+        rng, nz, p = self.rng, self.nz, self.p
+        rz0 = int(round(nz * rng.uniform(0.4, 0.5)))
+        a_m, b_m = float(np.mean(self.a)), float(np.mean(self.b))
+        for z in range(rz0, nz):
+            h = (z - rz0) / max(nz - 1 - rz0, 1)
+            xz, yz, free = self.x[z], self.y[z], p.label[z] == 0
+            for side in (-1, 1):
+                n_rib = 3 + int(round(3 * h))
+                phase = (z * 0.37 + rng.uniform(-0.05, 0.05)) % 1.0
+                for k in range(n_rib):
+                    phi = -0.9 * h - 0.3 + (k + phase) * (1.7 + 0.9 * h) / n_rib  # anterolateral to posterior
+                    if phi > 1.35:
+                        continue
+                    cp, sp = np.cos(phi), np.sin(phi)
+                    pw = self.p_post if sp > 0 else 2.0
+                    reach = 1.0 / ((cp / a_m) ** pw + (abs(sp) / b_m) ** pw) ** (1 / pw)
+                    wall = self.tm0 * (0.75 + 0.5 * sp * sp + 0.3 * max(-sp, 0))  # muscle wall at this angle
+                    rr = reach - self.tf_base * (1 + 0.35 * cp * cp - 0.15 * max(sp, 0)) - 0.5 * wall
+                    px, py = side * cp * rr, sp * rr
+                    f = _ellipse(xz, yz, px, py, 3.5, rng.uniform(5, 7), side * phi)
+                    p.tissue[z][(f < 1) & free] = T["CORTEX"]
+                    p.tissue[z][(f < 0.6) & free] = T["MARROW"]
+
+    def one_piece_per_organ(self) -> None:
+        """Keep the largest connected piece of each labelled organ (the rest becomes visceral fat).
+
+        Raises:
+            RuntimeError: an organ vanished (a generator bug; reported with the seed).
+        """
+        p = self.p
+        for lab in (LIVER, RK, LK, SPLEEN):
+            m = p.label == lab
+            cc, n = ndimage.label(m)
+            if n == 0:
+                raise RuntimeError(f"phantom: organ {LABELS[lab]} vanished; report this seed")
+            if n > 1:
+                keep = np.argmax(np.bincount(cc.ravel())[1:]) + 1
+                drop = m & (cc != keep)
+                p.tissue[drop] = T["VISCERAL_FAT"]
+                p.label[drop] = 0
+
+
 def build_anatomy(rng: np.random.Generator, n_slices: int, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Draw one scan's anatomy.
+    """Draw one scan's anatomy, step by step (:class:`_Anatomy`; later steps paint over earlier ones).
 
     Args:
         rng: the scan's random generator.
@@ -157,239 +438,18 @@ def build_anatomy(rng: np.random.Generator, n_slices: int, size: int) -> tuple[n
 
     Returns:
         ``(tissue, label)``: uint8 ``(Z, H, W)`` tissue classes (:data:`TISSUES`) and organ labels (:data:`LABELS`).
+
+    Raises:
+        ValueError: fewer than 12 slices or 48 pixels.
     """
     if n_slices < 12 or size < 48:
         raise ValueError(f"phantom needs at least 12 slices and 48x48 pixels, got {n_slices} x {size}x{size}")
-    nz, s = n_slices, size / 256.0  # s: pixels per unit; one unit = 1.25 mm (the MR pixel at 256x256)
-    shape = (nz, size, size)
-    zc = ((np.arange(nz) + 0.5) / nz).astype(np.float32)  # relative height: 0 inferior .. 1 superior
-
-    # Body frame with a smooth global deformation (units, centred on the body).
-    cx, cy = rng.uniform(-4, 4), rng.uniform(-6, 4)
-    coords = ((np.arange(size) + 0.5) / s - 128.0).astype(np.float32)
-    warp_amp = rng.uniform(3.0, 6.0)
-    sig = (1.5, 40 * s, 40 * s)
-    x = coords[None, None, :] - cx + warp_amp * smooth_noise(rng, shape, sig)
-    y = coords[None, :, None] - cy + warp_amp * smooth_noise(rng, shape, sig)
-    shape_noise = smooth_noise(rng, shape, (1.2, 10 * s, 10 * s))  # boundary irregularity of organs
-
-    a = rng.uniform(106, 122) * (1 + 0.04 * np.sin(2 * np.pi * (zc * rng.uniform(0.5, 1.2) + rng.uniform())))
-    a = (a - rng.uniform(0, 8) * (zc - 0.5))[:, None, None]  # slightly wider at the bottom of the chest
-    b = (rng.uniform(80, 94) * (1 + 0.03 * np.sin(2 * np.pi * (zc + rng.uniform()))))[:, None, None]
-    p_post = rng.uniform(2.4, 3.4)
-    rho = np.sqrt(x * x + y * y) + 1e-3
-    cth, sth = x / rho, y / rho
-    pw = np.where(y > 0, np.float32(p_post), np.float32(2.0))
-    r = (np.abs(x / a) ** pw + np.abs(y / b) ** pw) ** (1 / pw)
-    c2, c3 = 2 * cth * cth - 1, 4 * cth ** 3 - 3 * cth
-    s2 = 2 * sth * cth
-    rb = 1 + rng.uniform(-0.03, 0.03) * c2 + rng.uniform(-0.02, 0.02) * c3 + rng.uniform(-0.02, 0.02) * s2
-    reach = rho / r  # distance from centre to the boundary along the ray, in units (for r = 1)
-    depth = (rb - r) * reach  # approximate depth below the skin, units
-    del pw, c2, c3, s2, rb, reach
-
-    tf_base, tm0 = rng.uniform(7, 24), rng.uniform(6, 10)
-    tf = tf_base * (1 + 0.35 * cth * cth - 0.15 * np.maximum(sth, 0))  # fat thicker at the flanks, thin at the back
-    tm = tm0 * (0.75 + 0.5 * sth * sth + 0.3 * np.clip(-sth, 0, None))  # wall thicker front and back
-    body = depth > 0
-    inner_depth = depth - tf - tm  # depth below the muscle wall (units)
-    cavity = inner_depth > 0
-    p = _Painter(np.zeros(shape, np.uint8), np.zeros(shape, np.uint8))
-    al = slice(None)
-    p.paint(al, body, "SUBCUT_FAT")
-    p.paint(al, body & (depth < 2.0), "SKIN")
-    p.paint(al, (depth > tf) & ~cavity & ((np.abs(x) > 2.5 * (1 + tf_base / 20)) | (y > 0)), "MUSCLE")  # linea alba
-    p.paint(al, cavity, "VISCERAL_FAT")
-    a_c = float(np.mean(a)) - tf_base * 1.3 - tm0 * 0.8  # approximate cavity half-axes (units)
-    b_c = float(np.mean(b)) - tf_base * 0.9 - tm0 * 1.1
-    back = float(np.mean(b)) - tf_base * 0.85  # posterior muscle surface at the midline
-
-    # ---------------------------------------------------------------- spine frame
-    ax_vb, ay_vb = rng.uniform(14, 18), rng.uniform(11, 14)
-    y_canal = back - rng.uniform(28, 34)
-    y_vb = y_canal - 8 - ay_vb
-
-    # ---------------------------------------------------------------- bowel (painted first; everything overrides)
-    g = smooth_noise(rng, shape, (0.9, 6.5 * s, 6.5 * s))
-    content = smooth_noise(rng, shape, (2.0, 18 * s, 18 * s))
-    thr = (0.15 + 0.9 * np.clip(zc - 0.55, 0, None))[:, None, None]  # fewer loops under the diaphragm
-    inner = inner_depth > 3
-    lumen = inner & (g > thr + 0.35)
-    wall = inner & (g > thr) & ~lumen
-    p.paint(al, wall, "BOWEL_WALL")
-    p.paint(al, lumen & (content < -0.6), "GAS")
-    p.paint(al, lumen & (content >= -0.6) & (content < 0.6), "CHYME")
-    p.paint(al, lumen & (content >= 0.6), "FLUID")
-    del g, content, lumen, wall, inner
-
-    def organ_slab(z0: int, z1: int):
-        zs = slice(z0, z1 + 1)
-        u = ((np.arange(z0, z1 + 1) - z0) / max(z1 - z0, 1)).astype(np.float32)  # 0 inferior end .. 1 superior
-        return zs, u, x[zs], y[zs], shape_noise[zs], cavity[zs], inner_depth[zs]
-
-    def with_halo(zs, f, halo, tissue, label, cav, tissue_halo="VISCERAL_FAT"):
-        """Paint a fat plane ``f < 1 + halo`` (inside the cavity), then the organ ``f < 1``."""
-        p.paint(zs, (f < 1 + halo) & cav, tissue_halo)
-        m = (f < 1) & cav
-        p.paint(zs, m, tissue, label)
-        return m
-
-    # ---------------------------------------------------------------- lungs (top slices)
-    lz0 = int(round(nz * rng.uniform(0.80, 0.88)))
-    zs, u, xs, ys, ns, cav, dep = organ_slab(lz0, nz - 1)
-    grow = (0.35 + 0.65 * u)[:, None, None]
-    for side in (-1, 1):
-        f = _ellipse(xs, ys, side * a_c * 0.5, b_c * 0.2, a_c * 0.45 * grow, b_c * 0.75 * grow) + 0.08 * ns
-        with_halo(zs, f, 0.12, "LUNG", 0, dep > -2, "MUSCLE")
-    f = _ellipse(xs, ys, a_c * 0.12, -b_c * 0.15, a_c * 0.5 * grow, b_c * 0.55 * grow, 0.4) + 0.05 * ns  # heart
-    with_halo(zs, f, 0.1, "MUSCLE", 0, cav)
-    p.paint(zs, (f < 0.75) & cav, "AORTA")  # blood pool: same flow appearance as the aorta
-
-    # ---------------------------------------------------------------- stomach (upper left, anterior)
-    z0, z1 = _organ_range(nz, rng, (0.25, 0.35), rng.uniform(0.66, 0.74))
-    zs, u, xs, ys, ns, cav, dep = organ_slab(z0, z1)
-    sc = (0.55 + 0.45 * np.sin(np.pi * u))[:, None, None]
-    st_cx, st_cy = a_c * rng.uniform(0.2, 0.35), -b_c * rng.uniform(0.15, 0.35)
-    st_ax, st_ay = a_c * rng.uniform(0.2, 0.32) * sc, b_c * rng.uniform(0.22, 0.34) * sc
-    f = _ellipse(xs, ys, st_cx, st_cy, st_ax, st_ay, rng.uniform(-0.5, 0.5)) + 0.1 * ns
-    p.paint(zs, (f < 1) & cav, "STOMACH_WALL")
-    lum = (f < 1 - 4.0 / (np.minimum(st_ax, st_ay) + 1)) & cav
-    level = st_cy - st_ay * rng.uniform(0.0, 0.7)  # air-fluid level; gas rises anteriorly (supine)
-    p.paint(zs, lum & (ys < level), "GAS")
-    p.paint(zs, lum & (ys >= level), "FLUID" if rng.uniform() < 0.6 else "CHYME")
-
-    # ---------------------------------------------------------------- pancreas
-    pz0, pz1 = _organ_range(nz, rng, (0.1, 0.16), rng.uniform(0.5, 0.58))
-    zs, u, xs, ys, ns, cav, dep = organ_slab(pz0, pz1)
-    f = _ellipse(xs, ys, a_c * 0.12, y_vb - ay_vb - rng.uniform(18, 26), a_c * 0.42, rng.uniform(6, 9),
-                 rng.uniform(0.15, 0.4)) + 0.1 * ns
-    p.paint(zs, (f < 1) & cav, "PANCREAS")
-
-    # ---------------------------------------------------------------- liver
-    lvz1 = nz - 1 - int(rng.integers(1, max(2, round(0.06 * nz)) + 1))
-    lvz0 = max(1, lvz1 - int(round(nz * rng.uniform(0.55, 0.66))) + 1)
-    zs, u, xs, ys, ns, cav, dep = organ_slab(lvz0, lvz1)
-    prof = np.where(u < 0.75, 0.3 + 0.7 * (u / 0.75) ** 0.6, 1 - 0.55 * ((u - 0.75) / 0.25) ** 2)
-    prof = (prof * rng.uniform(0.9, 1.08))[:, None, None]
-    u3 = u[:, None, None]
-    rcx = -a_c * (0.38 + 0.22 * (1 - u3)) + rng.uniform(-4, 4)
-    rcy = b_c * (-0.08 + 0.3 * (1 - u3) ** 2) + rng.uniform(-4, 4)
-    f_right = _ellipse(xs, ys, rcx, rcy, a_c * rng.uniform(0.5, 0.6) * prof, b_c * rng.uniform(0.72, 0.85) * prof)
-    u_ll = rng.uniform(0.35, 0.5)
-    v = np.clip((u3 - u_ll) / (1 - u_ll), 0, 1)
-    lax = a_c * (0.08 + rng.uniform(0.35, 0.5) * np.sqrt(v)) + 1e-3
-    lcx = -a_c * 0.1 + lax * 0.8
-    lcy = -b_c * rng.uniform(0.4, 0.55)
-    lay = (b_c * rng.uniform(0.22, 0.3) * (1 - 0.5 * np.clip((xs - lcx) / lax, 0, 1))) * np.sqrt(v) + 1e-3
-    f_left = np.where(v > 0, _ellipse(xs, ys, lcx, lcy, lax, lay), 9.0)
-    f_liver = np.minimum(f_right, f_left) + 0.07 * ns
-    with_halo(zs, f_liver, 0.05, "LIVER", LIVER, dep > 1.5)
-    ves = smooth_noise(rng, xs.shape, (0.8, 4 * s, 4 * s))
-    liv = p.label[zs] == LIVER
-    p.paint(zs, liv & (np.abs(ves - 1.6) < 0.12), "LIVER_VESSEL", LIVER)
-    del ves, f_right, f_left
-
-    # gallbladder: under the right lobe, lower liver slices; not liver
-    if rng.uniform() < 0.8:
-        gz0 = lvz0 + int(round((lvz1 - lvz0) * rng.uniform(0.05, 0.2)))
-        gz1 = min(gz0 + max(2, int(round(nz * rng.uniform(0.08, 0.14)))), lvz1 - 2)
-        zs, u, xs, ys, ns, cav, dep = organ_slab(gz0, gz1)
-        sc = (0.5 + 0.5 * np.sin(np.pi * u))[:, None, None]
-        f = _ellipse(xs, ys, -a_c * rng.uniform(0.15, 0.3), -b_c * rng.uniform(0.1, 0.3), 13 * sc, 9 * sc,
-                     rng.uniform(-0.8, 0.8)) + 0.05 * ns
-        with_halo(zs, f, 0.15, "GALLBLADDER", 0, cav)
-
-    # ---------------------------------------------------------------- spleen (image right, posterior crescent)
-    sz1 = min(lvz1 - int(rng.integers(0, 3)), nz - 2)
-    sz0 = max(1, sz1 - int(round(nz * rng.uniform(0.28, 0.38))) + 1)
-    zs, u, xs, ys, ns, cav, dep = organ_slab(sz0, sz1)
-    sc = (0.45 + 0.55 * np.sin(np.pi * (0.1 + 0.8 * u)))[:, None, None] * rng.uniform(0.85, 1.1)
-    ang = rng.uniform(0.5, 0.9)  # long axis along the posterolateral wall
-    scx, scy = a_c * rng.uniform(0.48, 0.58), b_c * rng.uniform(0.15, 0.3)
-    sp_long, sp_short = b_c * rng.uniform(0.42, 0.55) * sc, a_c * rng.uniform(0.2, 0.26) * sc
-    f_out = _ellipse(xs, ys, scx, scy, sp_short, sp_long, -ang)
-    off = sp_short * rng.uniform(1.25, 1.6)
-    f_in = _ellipse(xs, ys, scx - off * np.cos(ang), scy - off * np.sin(ang), sp_short * 0.9, sp_long * 1.15, -ang)
-    f_spleen = np.where(f_in < 1, 9.0, f_out) + 0.06 * ns
-    with_halo(zs, f_spleen, 0.1, "SPLEEN", SPLEEN, dep > 1.5)
-
-    # ---------------------------------------------------------------- kidneys (either side of the spine)
-    kc = rng.uniform(0.42, 0.5)
-    for lab, side, shift in ((RK, -1, -rng.uniform(0.02, 0.07)), (LK, 1, 0.0)):
-        z0, z1 = _organ_range(nz, rng, (0.32, 0.42), kc + shift)
-        zs, u, xs, ys, ns, cav, dep = organ_slab(z0, z1)
-        sc = (0.4 + 0.6 * np.sqrt(np.clip(1 - (2 * u - 1) ** 2, 0, 1)))[:, None, None] * rng.uniform(0.9, 1.1)
-        beta = rng.uniform(0.5, 0.9)  # long axis tilted anterolaterally
-        k_long, k_short = rng.uniform(24, 30) * sc, rng.uniform(14, 18) * sc
-        kcx, kcy = side * (ax_vb + rng.uniform(30, 38)), y_vb + rng.uniform(-4, 8)
-        dxl, dyl = side * np.sin(beta), -np.cos(beta)  # long-axis direction
-        nx, ny = -side * np.cos(beta), -np.sin(beta)  # towards the hilum (anteromedial)
-        dx, dy = xs - kcx, ys - kcy
-        pl, pq = dx * dxl + dy * dyl, dx * nx + dy * ny
-        f_k = np.sqrt((pl / k_long) ** 2 + (pq / k_short) ** 2)
-        mid = (np.abs(u - 0.5) < 0.28)[:, None, None]
-        notch = np.sqrt((pl / (k_long * 0.38)) ** 2 + ((pq - k_short * 0.95) / (k_short * 0.45)) ** 2) < 1
-        f_k = np.where(notch & mid, 9.0, f_k) + 0.05 * ns
-        m = with_halo(zs, f_k, 0.25, "KID_CORTEX", lab, cav)
-        phi = np.arctan2(pq, pl)
-        pyramids = (f_k < 0.72) & (f_k > 0.3) & (np.cos(7 * phi) > -0.2)
-        p.paint(zs, m & pyramids, "KID_MEDULLA", lab)
-        sinus = mid & (np.sqrt((pl / (k_long * 0.45)) ** 2 + ((pq - k_short * 0.45) / (k_short * 0.4)) ** 2) < 1)
-        p.paint(zs, m & sinus, "RENAL_SINUS", lab)
-
-    # ---------------------------------------------------------------- vessels, spine, muscles
-    zi = np.arange(nz)
-    p.paint(al, _ellipse(x, y, rng.uniform(5, 10), y_vb - ay_vb - 10, 10, 10) < 1, "AORTA")
-    p.paint(al, _ellipse(x, y, -rng.uniform(18, 24), y_vb - ay_vb - 6, 12, 8, 0.2) < 1, "IVC")
-    r_ps = np.clip(18 * (0.55 - zc) / 0.55, 0, None)[:, None, None] + 1e-3
-    for side in (-1, 1):
-        p.paint(al, (_ellipse(x, y, side * (ax_vb + 0.8 * r_ps + 2), y_vb + 2, r_ps, r_ps * 0.9) < 1) & (r_ps > 3),
-                "MUSCLE")
-        p.paint(al, _ellipse(x, y, side * rng.uniform(20, 25), y_canal + 9, rng.uniform(18, 22), 16) < 1, "MUSCLE")
-    f_vb = _ellipse(x, y, 0, y_vb, ax_vb, ay_vb)
-    disc = ((zi * MR_SLICE_MM + rng.uniform(0, 30)) % 30.0 < 8.0)[:, None, None]  # a disc every ~4 slices
-    p.paint(al, f_vb < 1, "CORTEX")
-    p.paint(al, (f_vb < 0.85) & ~disc, "MARROW")
-    p.paint(al, (f_vb < 1) & disc, "DISC")
-    p.paint(al, _ellipse(x, y, 0, y_canal, 11, 10) < 1, "CORTEX")
-    p.paint(al, (np.abs(x) < 3.5) & (y > y_canal) & (depth > tf_base * 0.85 + 2), "CORTEX")
-    p.paint(al, _ellipse(x, y, 0, y_canal, 7, 6) < 1, "CSF")
-
-    # ribs: upper half, small oblique ovals in the muscle wall along the rib cage
-    rz0 = int(round(nz * rng.uniform(0.4, 0.5)))
-    a_m, b_m = float(np.mean(a)), float(np.mean(b))
-    for z in range(rz0, nz):
-        h = (z - rz0) / max(nz - 1 - rz0, 1)
-        xz, yz, free = x[z], y[z], p.label[z] == 0
-        for side in (-1, 1):
-            n_rib = 3 + int(round(3 * h))
-            phase = (z * 0.37 + rng.uniform(-0.05, 0.05)) % 1.0
-            for k in range(n_rib):
-                phi = -0.9 * h - 0.3 + (k + phase) * (1.7 + 0.9 * h) / n_rib  # from anterolateral to posterior
-                if phi > 1.35:
-                    continue
-                cp, sp = np.cos(phi), np.sin(phi)
-                pw = p_post if sp > 0 else 2.0
-                reach = 1.0 / ((cp / a_m) ** pw + (abs(sp) / b_m) ** pw) ** (1 / pw)
-                wall = tm0 * (0.75 + 0.5 * sp * sp + 0.3 * max(-sp, 0))  # muscle wall thickness at this angle
-                rr = reach - tf_base * (1 + 0.35 * cp * cp - 0.15 * max(sp, 0)) - 0.5 * wall
-                px, py = side * cp * rr, sp * rr
-                f = _ellipse(xz, yz, px, py, 3.5, rng.uniform(5, 7), side * phi)
-                p.tissue[z][(f < 1) & free] = T["CORTEX"]
-                p.tissue[z][(f < 0.6) & free] = T["MARROW"]
-
-    # ---------------------------------------------------------------- clean-up: one connected piece per organ
-    for lab in (LIVER, RK, LK, SPLEEN):
-        m = p.label == lab
-        cc, n = ndimage.label(m)
-        if n == 0:
-            raise RuntimeError(f"phantom: organ {LABELS[lab]} vanished; report this seed")
-        if n > 1:
-            keep = np.argmax(np.bincount(cc.ravel())[1:]) + 1
-            drop = m & (cc != keep)
-            p.tissue[drop] = T["VISCERAL_FAT"]
-            p.label[drop] = 0
-    return p.tissue, p.label
+    body = _Anatomy(rng, n_slices, size)
+    for step in (body.body, body.spine_frame, body.bowel, body.lungs_and_heart, body.stomach, body.pancreas,
+                 body.liver, body.gallbladder, body.spleen, body.kidneys, body.vessels_spine_muscles, body.ribs,
+                 body.one_piece_per_organ):
+        step()
+    return body.p.tissue, body.p.label
 
 
 # ----------------------------------------------------------------------------------------------- image formation
@@ -478,7 +538,7 @@ def render(rng: np.random.Generator, tissue: np.ndarray, appearance: Appearance 
         n1 = rng.standard_normal(img.shape, dtype=np.float32)
         img += np.square(sigma * n1)
         np.sqrt(img, out=img)
-        img = np.minimum(img, np.percentile(img, 99.5))  # the processed CHAOS clip (SPEC 3.1)
+        img = np.minimum(img, np.percentile(img, 99.5))  # the processed CHAOS clip (docs/method.md#chaos-t2-mri)
     else:
         img += rng.normal(0, rng.uniform(8, 15), img.shape).astype(np.float32)
         lo, hi = CT_WINDOW
@@ -536,7 +596,7 @@ def description(out_dir: str | Path, n_scans: int, appearance: Appearance, size:
         # automatic folds need n_folds + 1 scans; two scans get the two explicit swaps
         "folds": ({"n_folds": min(5, n_scans - 1)} if n_scans >= 3 else
                   [{"queries": [0], "support": [1]}, {"queries": [1], "support": [0]}]),
-        "body_threshold": 50.0001 if appearance == "mr" else 1e-4,
+        "body_threshold": BODY_THRESHOLD["MR" if appearance == "mr" else "CT"],
         # 3D supervoxels of ~60 cm3 (5000 voxels of the 256 x 256 grid) whatever the in-plane size (docs/supervoxels.md)
         "n_sv": max(1, round(5000 * (size / 256) ** 2)),
     }

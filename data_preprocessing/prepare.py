@@ -44,9 +44,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import os
 import re
-import shutil
 import sys
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -58,72 +56,41 @@ import numpy as np
 import SimpleITK as sitk
 from tqdm import tqdm
 
-from data_preprocessing.geometry import (
-    SCANS_FILE,
-    PrepareSettings,
+from data_preprocessing.geometry import SCANS_FILE, PrepareSettings, label_values, preprocess_image, preprocess_label
+from data_preprocessing.intensity import map_label_values
+from data_preprocessing.pseudolabel import generate_pseudolabels
+from data_preprocessing.scan_reader import (
     check_same_grid,
     grid_problem,
-    label_values,
     list_scans,
-    preprocess_image,
-    preprocess_label,
     read_grid,
     read_label,
     read_scan,
     scan_name,
 )
-from data_preprocessing.intensity import map_label_values
-from data_preprocessing.pseudolabel import generate_pseudolabels, positive_int
-from data_preprocessing.verify import RawDataError, verify_dataset
-from dataloaders.dataset_info import DatasetDescriptionError, load_description
+from data_preprocessing.verify import verify_dataset
+from dataloaders.dataset_info import load_description
 from dataloaders.niftiio import (
-    DataFormatError,
     image_path,
     label_path,
     read_label_volume,
     write_json,
     write_volume,
 )
+from util.atomic import atomic_folder, write_text
+from util.cli import EXIT_USER_ERROR, error_line
+from util.errors import ProjectError, RawDataError
+from util.options import MAX_CLASSES, OptionParser, parse_classes, positive_float, positive_int
 
 DESCRIPTION_FILE = "dataset.json5"
 VERIFY_FILE = "verify.json"
 DEFAULT_FOLDS = 5
-MAX_CLASSES = 255  # processed labels are uint8
 _LABEL_SUFFIX = re.compile(r"[_\-.](seg|segmentation|label|labels|labelmap|gt|mask|masks|annotation)$", re.I)
 _CHANNEL_SUFFIX = re.compile(r"_0000$")
-_CLASS_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
 _DATASET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
 
 
 # -------------------------------------------------------------------- options
-def parse_classes(text: str) -> dict[str, int]:
-    """``"LIVER=5,SPLEEN=1"`` -> ``{"LIVER": 5, "SPLEEN": 1}`` (order kept).
-
-    Raises:
-        ValueError: malformed entries, a name that is not an identifier or is ``BG``, ids < 1, duplicates.
-    """
-    out: dict[str, int] = {}
-    for item in (t.strip() for t in text.split(",")):
-        if not item:
-            continue
-        name, sep, value = item.partition("=")
-        name, value = name.strip(), value.strip()
-        if not sep or not _CLASS_NAME.fullmatch(name) or not value.isdigit():
-            raise ValueError(f"--classes: expected NAME=ID entries such as LIVER=5, got {item!r}")
-        if name.upper() == "BG":
-            raise ValueError("--classes: the name BG is the background (id 0)")
-        if name in out or int(value) in out.values():
-            raise ValueError(f"--classes: {item!r} repeats a name or an id")
-        if int(value) < 1:
-            raise ValueError(f"--classes: {item!r}: ids must be >= 1 (0 is the background)")
-        out[name] = int(value)
-    if not out:
-        raise ValueError("--classes: no class given")
-    if len(out) > MAX_CLASSES:
-        raise ValueError(f"--classes: at most {MAX_CLASSES} classes")
-    return out
-
-
 def pairing_key(name: str, is_label: bool) -> str:
     """The name a label and its image share: ``liver3_seg`` -> ``liver3``, ``case_0000`` (image) -> ``case``."""
     name = name.lower()
@@ -178,9 +145,9 @@ def default_name(out: Path) -> str:
 def labelled_folds(scan_ids: Sequence[int], labelled: Sequence[int], n_folds: int) -> list[dict[str, list[int]]]:
     """Explicit folds for a prepared folder (``folds`` of the description, dataloaders/dataset_info.py).
 
-    With at least two labelled scans: ``min(n_folds, len(labelled))`` folds; the labelled scans (in id order) are
-    split into near-equal consecutive chunks, fold k's queries are chunk k and its support the first labelled scan
-    after the chunk (circularly), the original's scheme over the labelled scans (SPEC 9). Every labelled scan is a
+    With at least two labelled scans: ``min(n_folds, len(labelled))`` folds; the labelled scans (in id order) are split
+    into near-equal consecutive chunks, fold k's queries are chunk k and its support the first labelled scan after the
+    chunk (circularly), the original's scheme over the labelled scans (docs/method.md#folds). Every labelled scan is a
     query exactly once; unlabelled scans are never held out. Otherwise one training-only fold
     ``{"queries": [], "support": []}``.
     """
@@ -335,13 +302,7 @@ def run(images: Sequence[str | Path], out: str | Path, settings: PrepareSettings
         print(f"  scan {sid}: {img}" + (f"  label {lbl}" if lbl is not None else ""))
 
     # ---------------------------------------------------------------- build in a temporary sibling folder
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    done = False
-    try:
+    with atomic_folder(out) as tmp:  # built in a temporary sibling, renamed into place when complete
         jobs = [ScanJob(sid, img, lbl, settings, tmp) for sid, (img, lbl) in enumerate(zip(image_paths, paired))]
         results = process_scans(jobs, workers, progress)
         table = class_table(results, classes, jobs)
@@ -363,8 +324,8 @@ def run(images: Sequence[str | Path], out: str | Path, settings: PrepareSettings
         desc = description(name, settings, out, table, len(jobs), labelled, n_folds, body_threshold)
         desc_path = tmp / DESCRIPTION_FILE
         body = ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in desc.items())
-        _write_text(desc_path, "// Written by python -m data_preprocessing.prepare (docs/own-scans.md); train with\n"
-                    f"// python training.py with dataset={out / DESCRIPTION_FILE}\n{{\n{body}\n}}")
+        write_text(desc_path, "// Written by python -m data_preprocessing.prepare (docs/own-scans.md); train with\n"
+                    f"// python training.py with dataset={out / DESCRIPTION_FILE}\n{{\n{body}\n}}\n")
         info = load_description(desc_path)
         scans = {str(sid): {**{k: v for k, v in res.items() if k not in ("raw_ids", "source_ids")},
                             "label_ids": sorted(set(res["source_ids"]) & {c["raw_id"] for c in table.values()}),
@@ -384,18 +345,6 @@ def run(images: Sequence[str | Path], out: str | Path, settings: PrepareSettings
         report.errors = [e.replace(str(tmp), str(out)) for e in report.errors]
         report.warnings = [w.replace(str(tmp), str(out)) for w in report.warnings]
         write_json(report.to_dict(), tmp / VERIFY_FILE)
-        # ------------------------------------------------------------ publish
-        if out.exists():
-            old = out.parent / f".old-{out.name}-{os.getpid()}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-        done = True
-    finally:
-        if not done and tmp.exists():
-            shutil.rmtree(tmp)
     print(report.table())
     folds = desc["folds"]
     if folds[0]["queries"]:
@@ -407,27 +356,11 @@ def run(images: Sequence[str | Path], out: str | Path, settings: PrepareSettings
     return report.ok
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(text + "\n")
-    os.replace(tmp, path)
-
-
 # -------------------------------------------------------------------- CLI
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0 or not np.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m data_preprocessing.prepare", description=__doc__.split("\n")[0],
-                                     epilog="Inputs, pairing, orientation, outputs and folds: docs/own-scans.md",
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OptionParser(prog="python -m data_preprocessing.prepare", description=__doc__.split("\n")[0],
+                          epilog="Inputs, pairing, orientation, outputs and folds: docs/own-scans.md",
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", nargs="+", required=True, type=Path,
                         help="image files, folders of image files, DICOM series folders")
     parser.add_argument("--labels", nargs="+", default=[], type=Path,
@@ -435,15 +368,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--modality", required=True, choices=("CT", "MR"))
     parser.add_argument("--out", required=True, type=Path, help="output folder (created; must be new or empty)")
     parser.add_argument("--name", default=None, help="dataset name (default: the output folder's name)")
-    parser.add_argument("--classes", default=None,
+    parser.add_argument("--classes", type=parse_classes, default=None,
                         help="NAME=RAW_ID,... e.g. LIVER=5,SPLEEN=1 (default: every id found, named by its id)")
-    parser.add_argument("--spacing", type=_positive_float, default=None,
+    parser.add_argument("--spacing", type=positive_float, default=None,
                         help="in-plane spacing in mm (default: MR 1.25; CT 1.75 x the scan's own, the SABS rule)")
-    parser.add_argument("--z-spacing", type=_positive_float, default=None, help="slice spacing in mm (default: kept)")
+    parser.add_argument("--z-spacing", type=positive_float, default=None, help="slice spacing in mm (default: kept)")
     parser.add_argument("--size", type=positive_int, default=256, help="in-plane size in voxels (default 256)")
     parser.add_argument("--window", nargs=2, type=float, default=None, metavar=("LO", "HI"),
                         help="CT window in HU, mapped to 0..255 (default -125 275)")
-    parser.add_argument("--mr-clip-percentile", type=_positive_float, default=None,
+    parser.add_argument("--mr-clip-percentile", type=positive_float, default=None,
                         help="MR: clip above this percentile (default 99.5)")
     parser.add_argument("--folds", type=positive_int, default=DEFAULT_FOLDS,
                         help="folds over the labelled scans (default 5, at most one per labelled scan)")
@@ -460,7 +393,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        classes = parse_classes(args.classes) if args.classes is not None else None
         if args.name is not None and not _DATASET_NAME.fullmatch(args.name):
             raise ValueError(f"--name {args.name!r}: use letters, digits, '_', '-' and '.', starting with a letter "
                              f"or digit")
@@ -470,12 +402,12 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         parser.error(str(err))
     try:
-        ok = run(args.images, args.out, settings, labels=args.labels, name=args.name, classes=classes,
+        ok = run(args.images, args.out, settings, labels=args.labels, name=args.name, classes=args.classes,
                  n_folds=args.folds, body_threshold=args.body_threshold, workers=args.workers,
                  overwrite=args.overwrite, progress=not args.no_progress)
-    except (RawDataError, DataFormatError, DatasetDescriptionError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except ProjectError as err:
+        print(error_line(err), file=sys.stderr)
+        return EXIT_USER_ERROR
     return 0 if ok else 1
 
 

@@ -1,4 +1,5 @@
-"""Write superpixel pseudolabels for a processed dataset folder (SPEC 4); replaces the original's notebook.
+"""Write superpixel pseudolabels for a processed dataset folder (docs/method.md#pseudolabels); replaces the
+original's notebook.
 
 For every ``image_<id>.nii.gz`` (un-normalised, as stored) it writes ``superpix-<SCALE>_<id>.nii.gz`` (int32 ids,
 0 outside the body) and ``fgmask_<id>.nii.gz`` (uint8 body mask), both with the image geometry, atomically.
@@ -50,7 +51,7 @@ from dataloaders.niftiio import (
     supervox_path,
     write_volume,
 )
-from util.options import OptionParser
+from util.options import OptionParser, positive_int
 
 _BLOCKS_PER_WORKER = 2  # parallel runs: at least this many tasks per worker, so the last ones finish together
 _WORKER_IMAGE: dict[str, tuple[np.ndarray, Geometry, str]] = {}  # per worker process: the last image read
@@ -146,7 +147,7 @@ def generate_pseudolabels(data_dir: str | Path, info: DatasetInfo, workers: int 
         data_dir: processed-data folder holding ``image_<id>.nii.gz``.
         info: dataset description; its ``body_threshold`` sets the body mask.
         workers: processes (1: in this process). The files are identical for any value.
-        legacy: the original's superpixel numbering (Q2) instead of compact ids.
+        legacy: the original's superpixel numbering (docs/method.md#q2-superpixel-numbering) instead of compact ids.
         scale: Felzenszwalb mode (only ``"MIDDLE"``).
         scan_ids: scans to process (default: every image in the folder).
         progress: show a tqdm bar over slices.
@@ -319,17 +320,6 @@ def _id_list(text: str) -> list[int]:
     return ids
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit code (2 on a data or dataset error)."""
     parser = OptionParser(prog="python -m data_preprocessing.pseudolabel", description=__doc__.split("\n")[0])
@@ -337,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", type=Path, default=None, help="processed folder (default: the dataset's)")
     parser.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1,
                         help="processes (default: all cores)")
-    parser.add_argument("--parity", action="store_true", help="the original's superpixel numbering (Q2)")
+    parser.add_argument("--parity", action="store_true",
+                        help="the original's superpixel numbering (docs/method.md#q2-superpixel-numbering)")
     parser.add_argument("--scale", default="MIDDLE", choices=sorted(SCALE_MODES), help="Felzenszwalb mode")
     parser.add_argument("--scans", type=_id_list, default=None, help="comma-separated scan ids (default: all)")
     parser.add_argument("--dim", type=int, choices=(2, 3), default=2,

@@ -1,10 +1,12 @@
-"""Resampling, cropping and padding on SimpleITK images, keeping the physical geometry right (SPEC 3).
+"""Resampling, cropping and padding on SimpleITK images, keeping the physical geometry right
+(docs/method.md#resampling-rule).
 
-Resampling rule of the original (SPEC 3, all datasets):
+Resampling rule of the original (all datasets):
 
 - SimpleITK, linear interpolation; the output keeps the input's origin and direction;
 - the output size per axis is ``int(old_size * old_spacing / new_spacing + 1)`` (:func:`legacy_output_size`);
-  the ``+ 1`` adds a last row/column/slice that lies past the input and is filled with 0 (the source of Q1);
+  the ``+ 1`` adds a last row/column/slice that lies past the input and is filled with 0 (the source of
+  docs/method.md#q1-sabs-257-grid);
 - labels are resampled one value at a time: the binary float mask is resampled linearly and rounded (rint);
   values are written in ascending order, so higher ids overwrite lower ones (:func:`resample_label`).
 
@@ -24,7 +26,7 @@ import SimpleITK as sitk
 
 
 def legacy_output_size(size: Sequence[int], spacing: Sequence[float], new_spacing: Sequence[float]) -> tuple[int, ...]:
-    """The original's output size: ``int(size * spacing / new_spacing + 1)`` per axis (SPEC 3).
+    """The original's output size: ``int(size * spacing / new_spacing + 1)`` per axis (docs/method.md#resampling-rule).
 
     Args:
         size: input size, (x, y, z).
@@ -66,7 +68,7 @@ def resample_image(img: sitk.Image, new_spacing: Sequence[float], size: Sequence
 
 def resample_label(lbl: sitk.Image, new_spacing: Sequence[float], size: Sequence[int] | None = None,
                    values: Sequence[int] | None = None) -> sitk.Image:
-    """Resample an integer label image one value at a time (SPEC 3).
+    """Resample an integer label image one value at a time (docs/method.md#resampling-rule).
 
     For each non-zero value in ascending order, the binary mask (float32) is resampled linearly, rounded with
     ``rint`` and written into the output, so a higher id overwrites a lower one where both round to 1.
@@ -146,7 +148,7 @@ def center_start(n: int, n_out: int) -> int:
 
 
 def crop_or_pad_xy(img: sitk.Image, size: Sequence[int] = (256, 256), pad_value: float | None = None) -> sitk.Image:
-    """Centre crop or pad every slice to ``size`` around (rows // 2, cols // 2) (SPEC 3.1 step 5).
+    """Centre crop or pad every slice to ``size`` around (rows // 2, cols // 2) (docs/method.md#chaos-t2-mri, step 5).
 
     Args:
         img: 3D image, array (Z, H, W).
@@ -164,7 +166,7 @@ def crop_or_pad_xy(img: sitk.Image, size: Sequence[int] = (256, 256), pad_value:
 
 
 def crop_border_xy(img: sitk.Image, border: int) -> sitk.Image:
-    """Remove ``border`` pixels from every in-plane edge (SPEC 3.2 step 4: 32 px, 512 -> 448).
+    """Remove ``border`` pixels from every in-plane edge (docs/method.md#sabs-ct, step 4: 32 px, 512 -> 448).
 
     Raises:
         ValueError: the image is not larger than ``2 * border`` in-plane.

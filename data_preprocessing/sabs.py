@@ -1,4 +1,4 @@
-"""Synapse / SABS abdominal CT pipeline: raw NIfTI -> processed training folder (SPEC 3.2; Q1, Q19).
+"""Synapse / SABS abdominal CT pipeline: raw NIfTI -> processed training folder (docs/method.md#sabs-ct).
 
 Usage::
 
@@ -14,12 +14,14 @@ Steps (each can be run alone with ``--steps``; intermediate files live in ``--wo
 ``OUT/intermediate``):
 
 1. ``normalize`` (the original's *intensity_normalization*): window to [-125, 275] HU and rescale to [0, 255]
-   with the fixed formula ``(HU + 125) / 400 * 255`` (``--parity``: the volume's min/max after clipping, Q19);
+   with the fixed formula ``(HU + 125) / 400 * 255`` (``--parity``: the volume's min/max after clipping,
+   docs/method.md#q19-ct-rescaling);
    renumber the scans 0..N-1 in sorted order of the image file names (whatever scans are present) and write the
    mapping to ``OUT/scan_id_map.json``; labels are copied unchanged (values checked against 0..13).
 2. ``resample`` (*resampling_and_roi*): cut 32 px from every in-plane border (512 -> 448), then resample in-plane
    so that the 448 px become exactly 256: new spacing = old spacing x 448 / 256 (= x 1.75), size 256, z
-   unchanged. With ``--parity`` the size follows the original's rule ``int(448 * s / (1.75 s) + 1)`` = 257 (Q1).
+   unchanged. With ``--parity`` the size follows the original's rule ``int(448 * s / (1.75 s) + 1)`` = 257
+   (docs/method.md#q1-sabs-257-grid).
 3. ``classmap``, ``superpixels``, ``verify``.
 
 Raw inputs are only read; a re-run writes the same files.
@@ -37,16 +39,9 @@ import SimpleITK as sitk
 from tqdm import tqdm
 
 from data_preprocessing.intensity import ct_to_uint8_range, map_label_values
+from data_preprocessing.pipeline import FINAL_STEPS, parse_steps, pipeline_parser, remove_intermediate, run_final_steps
 from data_preprocessing.resample import crop_border_xy, legacy_output_size, resample_image, resample_label
-from data_preprocessing.verify import (
-    FINAL_STEPS,
-    RawDataError,
-    check_pair_grid,
-    parse_steps,
-    pipeline_parser,
-    remove_intermediate,
-    run_final_steps,
-)
+from data_preprocessing.scan_reader import check_same_grid
 from dataloaders.dataset_info import DatasetInfo, get_dataset_info
 from dataloaders.niftiio import (
     DataFormatError,
@@ -58,9 +53,10 @@ from dataloaders.niftiio import (
     write_json,
     write_volume,
 )
+from util.errors import RawDataError
 
 DATASET = "SABS"
-ROI_BORDER = 32  # px cut from every in-plane border (SPEC 3.2 step 4)
+ROI_BORDER = 32  # px cut from every in-plane border (docs/method.md#sabs-ct, step 4)
 OUT_SIZE = 256  # in-plane output size of the default grid
 LEGACY_FACTOR = 1.75  # the original's spacing factor, (512 - 2 * 32) / 256
 ID_MAP_NAME = "scan_id_map.json"
@@ -122,11 +118,11 @@ def find_pairs(raw: str | Path) -> list[tuple[Path, Path]]:
 # -------------------------------------------------------------------- per scan
 def normalize_scan(img: sitk.Image, lbl: sitk.Image, info: DatasetInfo, rescale: Literal["fixed", "per_volume"],
                    where: str) -> tuple[sitk.Image, sitk.Image]:
-    """Window and rescale the CT image to [0, 255]; check and copy the labels (SPEC 3.2 steps 1-3).
+    """Window and rescale the CT image to [0, 255]; check and copy the labels (docs/method.md#sabs-ct, steps 1-3).
 
     Args:
         img: CT image in HU; lbl: labels on the same grid (geometry already checked).
-        rescale: ``"fixed"`` (default) or ``"per_volume"`` (Q19).
+        rescale: ``"fixed"`` (default) or ``"per_volume"`` (docs/method.md#q19-ct-rescaling).
         where: file name for error messages.
 
     Returns:
@@ -149,7 +145,7 @@ def roi_grid(size: Sequence[int], spacing: Sequence[float], grid: Grid = "exact"
 
     ``"exact"``: spacing x (n / 256) per in-plane axis, size 256, so the n cropped pixels (448 for 512-wide
     scans, factor 1.75) map exactly onto 256. ``"legacy257"``: spacing x 1.75 and the original's size rule
-    ``int(n * s / (1.75 s) + 1)``, 257 for n = 448 (Q1).
+    ``int(n * s / (1.75 s) + 1)``, 257 for n = 448 (docs/method.md#q1-sabs-257-grid).
 
     Args:
         size: cropped size (x, y, z); spacing: its spacing (x, y, z) in mm.
@@ -165,7 +161,7 @@ def roi_grid(size: Sequence[int], spacing: Sequence[float], grid: Grid = "exact"
 
 
 def roi_resample_scan(img: sitk.Image, lbl: sitk.Image, grid: Grid = "exact") -> tuple[sitk.Image, sitk.Image]:
-    """Cut 32 px from every in-plane border and resample in-plane (SPEC 3.2 steps 4-6).
+    """Cut 32 px from every in-plane border and resample in-plane (docs/method.md#sabs-ct, steps 4-6).
 
     Returns:
         (float32 image, uint8 labels), arrays (Z, 256, 256) (``legacy257``: (Z, 257, 257)), same geometry.
@@ -198,7 +194,7 @@ def normalize_all(raw: str | Path, work: str | Path, out: str | Path, rescale: L
             raise RawDataError(str(err)) from None
         if img.GetDimension() != 3:
             raise RawDataError(f"{ipath}: expected a 3D volume, got {img.GetDimension()}D")
-        lbl = check_pair_grid(img, lbl, ipath, lpath)
+        lbl = check_same_grid(img, lbl, ipath, lpath)
         if img.GetSize()[:2] != (512, 512):
             tqdm.write(f"note: {ipath.name} is {img.GetSize()[0]}x{img.GetSize()[1]} in-plane, not 512x512")
         out_img, out_lbl = normalize_scan(img, lbl, info, rescale, str(lpath))
@@ -246,7 +242,8 @@ def run(raw: str | Path | None, out: str | Path, steps: Sequence[str] = STEPS, w
         steps: subset of :data:`STEPS`.
         work: intermediate folder (default ``out/intermediate``).
         workers: processes for the superpixels.
-        parity: per-volume rescaling (Q19), the 257x257 grid (Q1) and the original's superpixel numbering (Q2).
+        parity: per-volume rescaling, the 257x257 grid and the original's superpixel numbering
+            (docs/method.md#quirks).
         keep_intermediate: keep ``work`` after a run doing both ``normalize`` and ``resample``.
     """
     info = info or get_dataset_info(DATASET)
@@ -271,8 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     """Command-line entry point: 0 on success, 1 when the verification fails, 2 on an input error."""
     parser = pipeline_parser("python -m data_preprocessing.sabs", __doc__.split("\n")[0], STEPS,
                              "the Synapse folder holding img/ and label/",
-                             "the original's outputs: per-volume rescaling (Q19), the 257x257 grid (Q1) and "
-                             "superpixel numbering (Q2)")
+                             "the original's outputs: per-volume rescaling, the 257x257 grid and superpixel "
+                             "numbering (docs/method.md#quirks)")
     args = parser.parse_args(argv)
     steps = parse_steps(args, STEPS, parser)
     if args.scans is not None:

@@ -1,4 +1,5 @@
-"""Superpixel pseudolabels of one slice or one volume (SPEC 4): body mask, Felzenszwalb, relabelling.
+"""Superpixel pseudolabels of one slice or one volume (docs/method.md#pseudolabels): body mask, Felzenszwalb,
+relabelling.
 
 Pure functions on arrays, no file I/O (``data_preprocessing.pseudolabel`` reads and writes the files).
 
@@ -8,9 +9,9 @@ Per axial slice of the **un-normalised** image:
 2. :func:`felzenszwalb_slice`: ``skimage.segmentation.felzenszwalb`` (mode ``MIDDLE``: scale 1, sigma 1,
    min_size 400);
 3. relabelling inside the body: :func:`relabel_compact` (default, ids 1..K with no gaps) or
-   :func:`relabel_legacy` (the original's numbering, quirk Q2 of the SPEC).
+   :func:`relabel_legacy` (the original's numbering, docs/method.md#q2-superpixel-numbering).
 
-The relabelling behaviour follows the description in the SPEC; the code is written from scratch.
+The relabelling behaviour follows that description; the code is written from scratch.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from scipy import ndimage
 from skimage.measure import label as connected_components
 from skimage.segmentation import felzenszwalb
 
-# Felzenszwalb parameters per named mode; "MIDDLE" is the only one the original implements (SPEC 4).
+# Felzenszwalb parameters per named mode; "MIDDLE" is the only one the original implements.
 SCALE_MODES: dict[str, dict[str, Any]] = {
     "MIDDLE": {"scale": 1.0, "sigma": 1.0, "min_size": 400},
 }
@@ -117,7 +118,7 @@ def relabel_compact(segments: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 
 def relabel_legacy(segments: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """The original's numbering (SPEC Q2), reproduced exactly.
+    """The original's numbering (docs/method.md#q2-superpixel-numbering), reproduced exactly.
 
     Walk: with ``m`` the largest id, segment 0 is moved to ``m + 1``; the map is multiplied by the mask; the
     sorted unique original ids followed by one more ``m`` are visited with a counter starting at 1, skipping
@@ -172,7 +173,7 @@ def superpixel_volume(image: np.ndarray, threshold: float, legacy: bool = False,
     Args:
         image: (Z, H, W) raw-intensity volume.
         threshold: body-mask threshold.
-        legacy: original numbering (Q2) instead of compact ids.
+        legacy: original numbering (docs/method.md#q2-superpixel-numbering) instead of compact ids.
         scale, sigma, min_size: Felzenszwalb parameters.
 
     Returns:

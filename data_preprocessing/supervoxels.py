@@ -1,4 +1,4 @@
-"""3D supervoxel pseudolabels of one volume (SPEC 4, "optional extension"): the ADNet lineage's pseudolabels.
+"""3D supervoxel pseudolabels of one volume (docs/method.md#3d-supervoxels): the ADNet lineage's pseudolabels.
 
 Pure functions on arrays, no file I/O (``data_preprocessing.pseudolabel --dim 3`` reads and writes the files).
 
@@ -33,7 +33,7 @@ from skimage.segmentation import relabel_sequential, slic
 
 from data_preprocessing.superpixels import body_mask
 
-# Supervoxel size (voxels) of the ADNet lineage (SPEC 3.4 / 4): abdominal MRI and CT, cardiac MRI.
+# Supervoxel size (voxels) of the ADNet lineage (docs/method.md#3d-supervoxels): abdominal MRI and CT, cardiac MRI.
 N_SV_ABDOMEN = 5000
 N_SV_CARDIAC = 1000
 # SLIC compactness on SLIC's [0, 1] intensity scale. On the 256x256 phantom (scan 0, n_sv 5000) 0.01 / 0.1 / 1
@@ -115,18 +115,3 @@ def supervoxel_volume(image: np.ndarray, spacing: Sequence[float], threshold: fl
     return ids, mask.astype(np.uint8)
 
 
-def supervoxel_slices(supervox: np.ndarray) -> np.ndarray:
-    """Voxel count of every supervoxel on every slice.
-
-    Args:
-        supervox: (Z, H, W) non-negative integer ids.
-
-    Returns:
-        (Z, K + 1) int64 counts, ``counts[z, k]`` = voxels of id k on slice z (column 0: outside the body).
-    """
-    if supervox.ndim != 3:
-        raise ValueError(f"supervox must be a (Z, H, W) volume, got shape {supervox.shape}")
-    n_z = supervox.shape[0]
-    k = int(supervox.max()) + 1 if supervox.size else 1
-    flat = (np.arange(n_z, dtype=np.int64)[:, None] * k + supervox.reshape(n_z, -1).astype(np.int64)).ravel()
-    return np.bincount(flat, minlength=n_z * k).reshape(n_z, k)

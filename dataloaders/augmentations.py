@@ -1,11 +1,11 @@
-"""Episode augmentation: the original's ``sabs_aug`` preset (SPEC 5.3), re-implemented with an explicit RNG.
+"""Episode augmentation: the original's ``sabs_aug`` preset (docs/method.md#augmentation), with an explicit RNG.
 
 One call augments one slice and its label map together:
 
 1. flips (implemented, all off in both presets), each with probability ``flip_p``;
 2. one affine matrix composed rotate -> translate -> shear -> zoom (rotation and zoom about the image centre),
-   bilinear, constant border (Q17: 0 in normalised units, i.e. the mean intensity, as in the original;
-   ``border_fill="min"`` fills the image with its minimum instead);
+   bilinear, constant border (0 in normalised units, i.e. the mean intensity, as in the original;
+   ``border_fill="min"`` fills the image with its minimum instead; docs/method.md#q17-border-fill);
 3. an elastic field: ``dx, dy ~ U(-1, 1)`` per pixel, ``cv2.GaussianBlur`` (sigma 5, 21x21), times ``alpha`` pixels,
    bilinear, sample positions reflected at the border (mode ``'reflect'``); same field for image and labels.
    Steps 2 and 3 are one resampling by default (:func:`warp_composed`); ``parity=True`` resamples twice as the
@@ -13,12 +13,12 @@ One call augments one slice and its label map together:
 4. labels travel as one-hot channels, are rounded (``rint``) and turned back into ids by ``argmax``;
 5. gamma on the image only: ``gamma ~ U(g0, g1)`` applied to min-max-scaled intensities, range restored.
 
-Every random number comes from the ``np.random.Generator`` passed in (Q5), drawn in a fixed order: flips, affine
-(rotation, tx, ty, shear, zoom), elastic (first noise field, second noise field), gamma. A step whose parameters
-make it the identity draws nothing.
+Every random number comes from the ``np.random.Generator`` passed in (docs/method.md#q5-unseeded-numpy), drawn in a
+fixed order: flips, affine (rotation, tx, ty, shear, zoom), elastic (first noise field, second noise field), gamma. A
+step whose parameters make it the identity draws nothing.
 
 ``AugParams.parity=True`` reproduces the original's arithmetic, so that the same draws give a bit-identical result
-(SPEC 5.3); the default differs from it in five places, each for a reason:
+(docs/method.md#augmentation); the default differs from it in five places, each for a reason:
 
 ======================  ==========================================  ===============================================
 step                    default                                     ``parity=True`` (the original)
@@ -37,7 +37,7 @@ gamma                   lo + r ((x - lo) / r) ** g, r = hi - lo:     lo + r' ((x
                                                                     moves up by r' (1e-5 / r') ** g
 ======================  ==========================================  ===============================================
  The parameters follow the original's ``dataloaders/augutils.py`` (augmentation credited there to
-J. Schlemper); the code is written from SPEC 5.3.
+J. Schlemper); the code is written from their description (docs/method.md#augmentation).
 """
 
 from __future__ import annotations
@@ -71,7 +71,8 @@ class AugParams:
         elastic_sigma: standard deviation of the Gaussian blur of the noise fields, in pixels.
         elastic_kernel: blur kernel size (odd); the original uses ``int(4 * sigma) | 1`` = 21.
         gamma: (low, high) range of the gamma exponent, or ``None`` for no gamma step.
-        border_fill: affine border value of the image: ``"zero_normalised"`` (0, the original, Q17) or ``"min"``.
+        border_fill: affine border value of the image: ``"zero_normalised"`` (0, the original) or ``"min"``
+            (docs/method.md#q17-border-fill).
         parity: use the original's arithmetic (centre, float32 matrix and fields, field order, gamma's 1e-5), bit
             identical for the same draws; see the module docstring.
     """
@@ -148,7 +149,7 @@ def affine_matrix(shape: tuple[int, int], rotate_deg: float, tx: float, ty: floa
 
     Args:
         shape: image shape ``(H, W)``; rotation and zoom are about its centre ``(x, y) = ((W-1)/2, (H-1)/2)``
-            (``parity``: the original's ``(H/2, W//2)``, SPEC 5.3).
+            (``parity``: the original's ``(H/2, W//2)``, docs/method.md#augmentation).
         rotate_deg: rotation in degrees (OpenCV sign convention: positive is counter-clockwise on screen).
         tx, ty: translation in pixels along x (columns) and y (rows).
         shear_deg: shear angle t; the shear matrix is [[1, -sin t, 0], [0, cos t, 0]] (about the origin).
@@ -197,7 +198,7 @@ def elastic_field(shape: tuple[int, int], alpha: float, sigma: float, kernel: in
 
     Draws two noise fields, each ``U(-1, 1)`` per pixel, blurs each (``cv2.GaussianBlur``) and scales it by
     ``alpha``. Default: float64, the first field displaces rows. ``parity`` (the original's ``elastic_transform_nd``,
-    SPEC 5.3): the fields are rounded to float32 and the first one displaces columns.
+    docs/method.md#augmentation): the fields are rounded to float32 and the first one displaces columns.
     """
     first = cv2.GaussianBlur(rng.uniform(-1.0, 1.0, size=shape), (kernel, kernel), sigma) * alpha
     second = cv2.GaussianBlur(rng.uniform(-1.0, 1.0, size=shape), (kernel, kernel), sigma) * alpha
@@ -304,7 +305,7 @@ def gamma_transform(image: np.ndarray, gamma: float) -> np.ndarray:
 
 
 def gamma_transform_parity(image: np.ndarray, gamma: float) -> np.ndarray:
-    """The original's gamma: ``lo + r * ((x - lo + 1e-5) / r) ** gamma`` with ``r = hi - lo + 1e-5`` (SPEC 5.3).
+    """The original's gamma: ``lo + r * ((x - lo + 1e-5) / r) ** gamma`` with ``r = hi - lo + 1e-5``.
 
     Float32 throughout, as the original computed it on a float32 slice under NumPy 1.x promotion: ``hi - lo`` in
     float32, ``+ 1e-5`` in float64 and the sum rounded to float32; ``gamma`` rounded to float32 in the power.
@@ -326,7 +327,7 @@ def gamma_transform_parity(image: np.ndarray, gamma: float) -> np.ndarray:
 # -------------------------------------------------------------------- the preset
 def augment(image: np.ndarray, label: np.ndarray, params: AugParams, rng: np.random.Generator,
             n_classes: int = 2) -> tuple[np.ndarray, np.ndarray]:
-    """Augment one slice and its label map together (SPEC 5.3).
+    """Augment one slice and its label map together (docs/method.md#augmentation).
 
     Args:
         image: ``(H, W)`` float image (normalised units).

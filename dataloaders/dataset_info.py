@@ -34,6 +34,8 @@ from typing import Any, Literal
 
 import json5
 
+from util.errors import ProjectError
+
 DATASETS_DIR = Path(__file__).resolve().parent / "datasets"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -41,10 +43,13 @@ _ALLOWED_KEYS = {
     "name", "modality", "data_dir", "labels", "eval_classes", "label_groups", "scan_ids", "folds",
     "body_threshold", "aliases", "description", "n_sv",
 }
-_DEFAULT_BODY_THRESHOLD = {"CT": 1e-4, "MR": 1e-4 + 50.0}
+#: Body mask of a processed scan: voxels above this raw intensity, by modality (the one source of these values:
+#: registry descriptions, the phantom, ``prepare`` and ``predict.py`` read them here). CT in 0..255 has air at 0;
+#: MR uses CHAOS's rule, intensity > 50 (docs/method.md#pseudolabels).
+BODY_THRESHOLD: dict[str, float] = {"CT": 1e-4, "MR": 1e-4 + 50.0}
 
 
-class DatasetDescriptionError(ValueError):
+class DatasetDescriptionError(ProjectError, ValueError):
     """A dataset description file (or a registry name) is invalid."""
 
 
@@ -303,7 +308,7 @@ def parse_description(raw: dict[str, Any], source: Path) -> DatasetInfo:
     else:
         raise _fail(source, "'folds' must be an object or a list")
 
-    threshold = raw.get("body_threshold", _DEFAULT_BODY_THRESHOLD[modality])
+    threshold = raw.get("body_threshold", BODY_THRESHOLD[modality])
     if not isinstance(threshold, (int, float)) or isinstance(threshold, bool):
         raise _fail(source, f"'body_threshold' must be a number, got {threshold!r}")
 

@@ -1,10 +1,10 @@
 """Derived files checked against what they were made from, and the commands that rebuild them.
 
-The processed folder holds files derived from others (SPEC 2): ``classmap_<min_fg>.json`` from the label files,
-``superpix-<SCALE>_<id>.nii.gz`` and ``fgmask_<id>.nii.gz`` from ``image_<id>.nii.gz``; a training checkpoint holds
-a fold and a CT normaliser derived from the folder. Each can go stale when its source changes (labels flipped
-along z after a slice-order fix, images preprocessed again). This module finds out, cheaply, and names the command
-that rebuilds the file:
+The processed folder holds files derived from others (docs/method.md#datasets): ``classmap_<min_fg>.json`` from the
+label files, ``superpix-<SCALE>_<id>.nii.gz`` and ``fgmask_<id>.nii.gz`` from ``image_<id>.nii.gz``; a training
+checkpoint holds a fold and a CT normaliser derived from the folder. Each can go stale when its source changes (labels
+flipped along z after a slice-order fix, images preprocessed again). This module finds out, cheaply, and names the
+command that rebuilds the file:
 
 - class map vs labels: the slice lists are recomputed from the label arrays the caller has already read (one
   ``bincount`` per scan) and compared list by list (:func:`classmap_disagreement`, shared with
@@ -161,7 +161,7 @@ def check_classmap_matches(cmap: Mapping[str, Mapping[str, list[int]]], counts: 
     Args:
         cmap: the loaded ``classmap_<min_fg>.json``.
         counts: scan id -> (Z, C) per-slice class pixel counts of its label file
-            (``data_preprocessing.class_slice_index.slice_class_counts``).
+            (:func:`dataloaders.slice_counts.slice_counts`).
 
     Raises:
         DataFormatError: naming the file, scan, class and the rebuild command.
@@ -188,10 +188,11 @@ def check_checkpoint_matches_folder(ckpt: Mapping[str, object], path: str | Path
 
     - Fold: when the checkpoint was trained on the same dataset, fold and ``n_shots`` as this run, its stored
       queries / support / training scans must equal the ones the folder gives now (scans added or removed
-      since training move scans between training and test, Q16).
+      since training move scans between training and test, docs/method.md#q16-ct-statistics).
     - CT normaliser (``kind="global"``): its mean and std must equal those of the same training scans in the
       folder now (relative 1e-5): ``normalizer_now`` when the caller has it (training resumes), else recomputed
-      from the images (validation; CT only, one read of the training scans, as the original did, Q16).
+      from the images (validation; CT only, one read of the training scans, as the original did,
+      docs/method.md#q16-ct-statistics).
 
     Args:
         ckpt: a loaded checkpoint (``fold``, ``normalizer``, ``config`` entries are optional).
@@ -248,14 +249,14 @@ def check_classmap_file(data_dir: str | Path, info: DatasetInfo, labels: Mapping
     Raises:
         DataFormatError: malformed, stale or disagreeing class map (names the rebuild command).
     """
-    from data_preprocessing.class_slice_index import slice_class_counts
     from dataloaders.niftiio import load_classmap
+    from dataloaders.slice_counts import slice_counts
 
     if not classmap_path(data_dir, min_fg).is_file():
         return False
     rebuild = classmap_command(data_dir, info, min_fg)
     cmap = load_classmap(data_dir, list(info.labels.values()), sorted(labels), min_fg, rebuild=rebuild)
     n_classes = max(info.labels) + 1
-    check_classmap_matches(cmap, {sid: slice_class_counts(lab, n_classes) for sid, lab in labels.items()},
+    check_classmap_matches(cmap, {sid: slice_counts(lab, n_classes) for sid, lab in labels.items()},
                            data_dir, info, min_fg)
     return True

@@ -1,14 +1,15 @@
-"""Setting 2 stays leak-free whatever the config, and every run records what it actually excluded (SPEC 8.3, Q8).
+"""Setting 2 stays leak-free whatever the config, and every run records what it actually excluded.
 
-The rule (SPEC 8.3): in setting 2 a training slice holding >= 1 pixel of ANY test class of the label group is
-never used. Two things can break it behind the user's back, and both are refused here before training starts:
+The rule (docs/method.md#settings-and-label-groups): in setting 2 a training slice holding >= 1 pixel of ANY test
+class of the label group is never used. Two things can break it behind the user's back, and both are refused here
+before training starts:
 
 - ``exclude_cls_list`` that misses a test class of ``label_sets`` (e.g. overridden by hand);
 - ``min_fg_data`` > 1: the exclusion reads ``classmap_<min_fg_data>.json``, which does not list slices holding
   1..min_fg_data-1 pixels of a class, so those slices would stay in training.
 
-The lineages' leaky variant (drop only slices holding ALL excluded classes, Q8) stays available by name,
-``exclusion_rule=all``, and is recorded as not leak-free.
+The lineages' leaky variant (drop only slices holding ALL excluded classes, docs/method.md#q8-leaky-exclusion) stays
+available by name, ``exclusion_rule=all``, and is recorded as not leak-free.
 
 :func:`exclusion_record` computes, from the label files and the slices the episode dataset can draw, how many
 trainable slices hold each class; ``training.py`` stores it in the checkpoint and ``validation.py`` copies it into
@@ -23,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from dataloaders.dataset_info import DatasetInfo
-from util.run_setup import ConfigError
+from util.errors import ConfigError
 
 
 def check_setting2_config(config: Mapping[str, Any], info: DatasetInfo) -> None:

@@ -1,7 +1,8 @@
-"""Annotated scans for evaluation: normalised images, checked labels and geometry (SPEC 3.5, Q16).
+"""Annotated scans for evaluation: normalised images, checked labels and geometry
+(docs/method.md#load-time-normalisation).
 
 ``validation.py`` loads the fold's query and support scans with :func:`load_annotated_scans` and hands the dicts
-to ``util.protocol.evaluate_fold``. The same :class:`~dataloaders.normalization.Normalizer` as in training is
+to ``evaluation.ep1_alp.evaluate_fold``. The same :class:`~dataloaders.normalization.Normalizer` as in training is
 applied: the one stored in the checkpoint, or (CT) one computed from the fold's training scans.
 """
 
@@ -57,7 +58,7 @@ def load_annotated_scans(data_dir: str | Path, info: DatasetInfo, scan_ids: Sequ
     if normalizer is None:
         if info.modality == "CT" and not train_scan_ids:
             raise ValueError(f"{info.name} is CT: pass the checkpoint's Normalizer or the fold's training scan ids "
-                             f"(Q16: CT statistics come from the training scans)")
+                             f"(CT statistics come from the training scans: docs/method.md#q16-ct-statistics)")
         normalizer = normalizer_from_scans(data_dir, info.modality, list(train_scan_ids or ()), progress)
     known = set(info.labels)
     images: dict[int, np.ndarray] = {}
@@ -65,7 +66,7 @@ def load_annotated_scans(data_dir: str | Path, info: DatasetInfo, scan_ids: Sequ
     geometry: dict[int, niftiio.Geometry] = {}
     for sid in tqdm([int(i) for i in scan_ids], desc="loading annotated scans", disable=not progress):
         scan = niftiio.load_scan(data_dir, sid, with_label=True, known_labels=known)
-        # kept on the image's own grid: predictors resize for the network only (util.inference), so metrics and
+        # kept on the image's own grid: predictors resize for the network only (evaluation.predictors), so metrics and
         # predictions are on the grid of image_<id>.nii.gz
         images[sid], labels[sid], geometry[sid] = normalizer(scan.image), scan.label, scan.geometry
     return AnnotatedScans(images, labels, geometry, normalizer)

@@ -1,4 +1,4 @@
-"""Reading and writing the processed on-disk format (SPEC section 2).
+"""Reading and writing the processed on-disk format (docs/method.md#datasets).
 
 One flat folder per dataset:
 
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import re
 import struct
 import zlib
@@ -30,10 +29,13 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
+from util.atomic import atomic_file, write_text
+from util.errors import ProjectError
+
 IMAGE_PATTERN = re.compile(r"^image_(\d+)\.nii\.gz$")
 
 
-class DataFormatError(ValueError):
+class DataFormatError(ProjectError, ValueError):
     """A processed data file is missing, corrupt or inconsistent; the message names the file."""
 
 
@@ -64,6 +66,23 @@ class Geometry:
         if not np.allclose(self.direction, other.direction, rtol=0, atol=tol):
             return f"direction {other.direction} != {self.direction}"
         return None
+
+
+def grid_difference(image: Geometry, other: Geometry) -> tuple[str | None, bool]:
+    """How ``other``'s grid (a label's) differs from ``image``'s: ``(why, fatal)``; ``(None, False)`` when they agree.
+
+    The one tolerance rule for a label against its image, everywhere (own scans and the benchmark pipelines): header
+    differences within rounding (spacing 1e-4 relative, origin 1e-3 mm, direction 1e-4) are no difference; small
+    ones (spacing 1 %, origin 0.5 mm, direction 1e-2) are not fatal (the image's geometry is then used, as a
+    writer's rounding would explain them); larger ones are fatal. Sizes are compared by the caller.
+    """
+    why = image.mismatch(other)
+    if why is None:
+        return None, False
+    close = (np.allclose(image.spacing, other.spacing, rtol=1e-2, atol=0)
+             and np.allclose(image.origin, other.origin, rtol=0, atol=0.5)
+             and np.allclose(image.direction, other.direction, rtol=0, atol=1e-2))
+    return why, not close
 
 
 def check_gzip_complete(path: Path) -> bytes:
@@ -179,7 +198,10 @@ def read_volume(path: str | Path, dtype: Any = None) -> tuple[np.ndarray, Geomet
 
 
 def read_label_volume(path: str | Path) -> tuple[np.ndarray, Geometry]:
-    """Read an integer-valued volume (labels, superpixels; float storage accepted, Q20) as int32 ``(Z, H, W)``."""
+    """Read an integer-valued volume (labels, superpixels; float storage accepted) as int32 ``(Z, H, W)``.
+
+    Float storage is how the original wrote its superpixels (docs/method.md#q20-float-pseudolabels).
+    """
     arr, geom = read_volume(path)
     if arr.dtype.kind == "f":
         rounded = np.rint(arr)
@@ -187,11 +209,6 @@ def read_label_volume(path: str | Path) -> tuple[np.ndarray, Geometry]:
             raise DataFormatError(f"{path}: label volume holds non-integer values")
         arr = rounded
     return arr.astype(np.int32), geom
-
-
-def _atomic_target(path: Path) -> Path:
-    # Same folder (so the rename is atomic), same suffix (SimpleITK picks the writer from it).
-    return path.with_name(f".tmp-{os.getpid()}-{path.name}")
 
 
 def write_volume(arr: np.ndarray, path: str | Path, geometry: Geometry | None = None,
@@ -212,27 +229,14 @@ def write_volume(arr: np.ndarray, path: str | Path, geometry: Geometry | None = 
         if len(notes) > 80:
             raise ValueError(f"header notes are limited to 80 characters, got {len(notes)}")
         img.SetMetaData("ITK_FileNotes", notes)
-    tmp = _atomic_target(path)
-    try:
+    with atomic_file(path) as tmp:  # same suffix: SimpleITK picks the writer from it
         sitk.WriteImage(img, str(tmp), True)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 
 def write_json(obj: Any, path: str | Path, indent: int | None = 1) -> Path:
     """Write JSON atomically (temporary name, then rename)."""
-    path = Path(path)
-    tmp = _atomic_target(path)
-    try:
-        tmp.write_text(json.dumps(obj, indent=indent) + "\n")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return write_text(path, json.dumps(obj, indent=indent) + "\n")
 
 
 # -------------------------------------------------------------------- file names and discovery

@@ -1,9 +1,9 @@
-"""Load-time intensity normalisation and network input format (SPEC 3.5, Q16).
+"""Load-time intensity normalisation and network input format (docs/method.md#load-time-normalisation).
 
 - MR: z-score of each volume with its own mean and std (over the whole 3D volume).
 - CT: one global z-score whose mean and std are taken over every voxel of the current fold's *training* scans.
   The statistics are part of the :class:`Normalizer`, which serialises to a plain dict so a checkpoint stores them
-  and validation reuses them instead of rebuilding the training set (Q16).
+  and validation reuses them instead of rebuilding the training set (docs/method.md#q16-ct-statistics).
 - The result is float32. The network input is the slice replicated to 3 channels (no ImageNet mean/std).
 """
 
@@ -67,7 +67,7 @@ class Normalizer:
         kind: ``"per_volume"`` (MR: each volume's own mean/std) or ``"global"`` (CT: fixed ``mean``/``std``).
         mean: global mean (``None`` for per-volume).
         std: global std (``None`` for per-volume); divisions use ``max(std, STD_FLOOR)``.
-        scan_ids: the scans the global statistics were computed on (for the record, Q16).
+        scan_ids: the scans the global statistics were computed on (for the record, docs/method.md#q16-ct-statistics).
     """
 
     kind: NormKind
@@ -123,7 +123,8 @@ def fit_normalizer(modality: Literal["CT", "MR"], train_volumes: Iterable[np.nda
     if modality != "CT":
         raise ValueError(f"unknown modality {modality!r} (expected 'CT' or 'MR')")
     if train_volumes is None:
-        raise ValueError("CT normalisation needs the fold's training volumes (or a stored Normalizer, Q16)")
+        raise ValueError("CT normalisation needs the fold's training volumes (or a stored Normalizer, "
+                         "docs/method.md#q16-ct-statistics)")
     mean, std = ct_stats(train_volumes)
     return Normalizer("global", mean, std, tuple(int(i) for i in scan_ids))
 
@@ -147,7 +148,7 @@ def resize_slices(volume: np.ndarray, size: int, kind: Literal["image", "ids"]) 
 
     The project's one rule for slices whose in-plane size is not ``input_size`` (never a silent crop or pad):
     images are resampled bilinearly (``torch.nn.functional.interpolate``, ``align_corners=False``, no
-    antialiasing, the same call :class:`util.inference.FastPredictor` makes at test time); integer maps
+    antialiasing, the same call :class:`evaluation.predictors.FastPredictor` makes at test time); integer maps
     (superpixel ids, masks) take the nearest source pixel (``"nearest-exact"``), so no new id appears.
 
     Args:

@@ -1,4 +1,4 @@
-"""Self-supervised training episodes from superpixel pseudolabels (SPEC 5, 8.3; quirks Q2, Q3, Q5, Q8).
+"""Self-supervised training episodes from superpixel pseudolabels (docs/method.md#episodes).
 
 One episode takes one axial slice of a training scan and one of its superpixels as the "class". Support and
 query are independent augmentations of the same (slice, superpixel mask) pair.
@@ -14,15 +14,15 @@ Sampling (``episode_sampling``):
 - ``"compact"`` (default): the eligible slices (non-empty pseudolabel and not excluded) are precomputed; the
   superpixel id is drawn uniformly among the ids present in the slice, so the foreground is never empty before
   augmentation (augmentation can still push a superpixel at the image edge out of view).
-- ``"legacy"`` (parity, Q2/Q3): as the original. The starting slice is drawn over all slices; a slice without
-  superpixels moves on to slice i+1; an excluded slice is replaced by a uniform redraw over slices 0..n-2
-  (``torch.randint(0, len - 1)``), repeatedly; the id is drawn from 1..max_id-1 (``torch.randint(1, max_id)``), so
-  with legacy id maps it can be empty (empty-FG episode) and the top id is never drawn. A slice whose max id is 1
-  (where the original's ``randint(1, 1)`` raises) yields id 1.
+- ``"legacy"`` (parity, docs/method.md#q3-slice-redirects): as the original. The starting slice is drawn over all
+  slices; a slice without superpixels moves on to slice i+1; an excluded slice is replaced by a uniform redraw over
+  slices 0..n-2 (``torch.randint(0, len - 1)``), repeatedly; the id is drawn from 1..max_id-1
+  (``torch.randint(1, max_id)``), so with legacy id maps it can be empty (empty-FG episode) and the top id is never
+  drawn. A slice whose max id is 1 (where the original's ``randint(1, 1)`` raises) yields id 1.
 
-Setting-2 exclusion (``exclusion_rule``, from ``classmap_<min_fg>.json``): ``"any"`` (default, leak-free) drops
-every slice holding >= 1 pixel of ANY excluded class; ``"all"`` (leaky, Q8, later lineages only) drops only slices
-holding all of them.
+Setting-2 exclusion (``exclusion_rule``, from ``classmap_<min_fg>.json``): ``"any"`` (default, leak-free) drops every
+slice holding >= 1 pixel of ANY excluded class; ``"all"`` (leaky, later lineages only,
+docs/method.md#q8-leaky-exclusion) drops only slices holding all of them.
 """
 
 from __future__ import annotations
@@ -107,14 +107,14 @@ class SuperpixelEpisodeDataset(Dataset):
         info: the dataset description (modality, label names).
         scan_ids: the fold's training scans.
         exclude_classes: class ids whose slices are dropped (setting 2); ``[]`` for setting 1.
-        exclusion_rule: ``"any"`` (leak-free default) or ``"all"`` (leaky, Q8).
+        exclusion_rule: ``"any"`` (leak-free default) or ``"all"`` (leaky, docs/method.md#q8-leaky-exclusion).
         superpix_scale: superpixel file tag (``"MIDDLE"``).
         min_fg: which class map to read, ``classmap_<min_fg>.json`` (only needed with exclusions).
         normalizer: intensity normalisation; default from the modality, CT statistics over ``scan_ids``.
         n_episodes: dataset length; default the number of candidate slices (one pass).
         seed: run seed (>= 0).
         aug: augmentation parameters or a preset name (``"sabs_aug"``, ``"aug_v3"``, ``"identity"``).
-        episode_sampling: ``"compact"`` (default) or ``"legacy"`` (parity, Q2/Q3).
+        episode_sampling: ``"compact"`` (default) or ``"legacy"`` (parity, docs/method.md#q3-slice-redirects).
         n_shots: number of support copies.
         n_queries: number of query copies.
         input_size: slices of another in-plane size are resized to this square size (images bilinearly,
@@ -217,8 +217,9 @@ class SuperpixelEpisodeDataset(Dataset):
                     self._stats["n_excluded_slices"], exclusion_rule, self.exclude_classes, per_class,
                     self.eligible.size)
         if exclusion_rule == "all" and len(self.exclude_classes) > 1:
-            logger.warning("exclusion_rule 'all' is the leaky rule of later lineages (Q8): slices holding only "
-                           "some of %s stay in training", self.exclude_classes)
+            logger.warning("exclusion_rule 'all' is the leaky rule of later lineages "
+                           "(docs/method.md#q8-leaky-exclusion): slices holding only some of %s stay in training",
+                           self.exclude_classes)
         self._perm_cache: dict[int, np.ndarray] = {}
 
     # ---------------------------------------------------------------- construction helpers
@@ -285,7 +286,7 @@ class SuperpixelEpisodeDataset(Dataset):
         while True:
             if redirects > _MAX_REDIRECTS:
                 raise RuntimeError(f"legacy episode sampling found no usable slice after {_MAX_REDIRECTS} tries")
-            if self.slice_max_id[s] < 1:  # Q3: empty slice -> next slice
+            if self.slice_max_id[s] < 1:  # empty slice -> next slice (docs/method.md#q3-slice-redirects)
                 s = (s + 1) % n
                 redirects += 1
                 continue
@@ -295,7 +296,7 @@ class SuperpixelEpisodeDataset(Dataset):
                 continue
             break
         max_id = int(self.slice_max_id[s])
-        return s, int(rng.integers(1, max(max_id, 2))), redirects  # Q2: 1..max_id-1
+        return s, int(rng.integers(1, max(max_id, 2))), redirects  # 1..max_id-1, docs/method.md#q2-superpixel-numbering
 
     def _episode_rng(self, idx: int) -> np.random.Generator:
         if not 0 <= idx < self.n_episodes:

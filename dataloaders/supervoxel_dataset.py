@@ -30,12 +30,12 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from data_preprocessing.supervoxels import supervoxel_slices
 from dataloaders import niftiio
 from dataloaders.augmentations import AugParams, augment
 from dataloaders.dataset_info import DatasetInfo
 from dataloaders.derived import check_made_from, dataset_arg, image_fingerprint
 from dataloaders.normalization import Normalizer
+from dataloaders.slice_counts import slice_counts
 from dataloaders.superpixel_dataset import _MAX_AUG_RETRIES, ExclusionRule, SuperpixelEpisodeDataset, episode_tensors
 
 LINEAGE_MIN_SUPPORT_PIXELS = 200  # ADNet's smallest support cross-section, in pixels of a 256 x 256 slice
@@ -84,7 +84,7 @@ class SupervoxelEpisodeDataset(SuperpixelEpisodeDataset):
         info: the dataset description.
         scan_ids: the fold's training scans.
         exclude_classes: class ids whose slices may not appear in an episode (setting 2); ``[]`` for setting 1.
-        exclusion_rule: ``"any"`` (leak-free default) or ``"all"`` (leaky, Q8).
+        exclusion_rule: ``"any"`` (leak-free default) or ``"all"`` (leaky, docs/method.md#q8-leaky-exclusion).
         superpix_scale: supervoxel file tag (``"MIDDLE"``).
         min_fg: which class map to read (only needed with exclusions).
         normalizer: intensity normalisation; default from the modality, CT statistics over ``scan_ids``.
@@ -152,7 +152,7 @@ class SupervoxelEpisodeDataset(SuperpixelEpisodeDataset):
         trainable = np.zeros(self.slice_z.size, dtype=bool)  # slices some episode can use
         n_supervoxels = 0
         for k in range(len(self.scan_ids)):
-            counts = supervoxel_slices(self.superpix[k])[:, 1:]  # (Z, K): pixels of id j+1 on slice z
+            counts = slice_counts(self.superpix[k])[:, 1:]  # (Z, K): pixels of id j+1 on slice z
             n_z, n_ids = counts.shape
             n_supervoxels += int((counts.sum(0) > 0).sum())
             if n_z < k_len:

@@ -1,7 +1,7 @@
 """Learning-rate schedules of training.py (config key ``lr_schedule``).
 
-* ``step`` (default, the paper's, SPEC 7): ``MultiStepLR``, lr = base * ``lr_step_gamma`` ** (milestones passed);
-  the paper's configs decay by 0.95 every 1000 steps.
+* ``step`` (default, the paper's, docs/method.md#training-schedule): ``MultiStepLR``, lr = base * ``lr_step_gamma`` **
+  (milestones passed); the paper's configs decay by 0.95 every 1000 steps.
 * ``cosine``: ``CosineAnnealingLR`` over the run, lr = base * (1 + cos(pi t / n_steps)) / 2 (Loshchilov & Hutter,
   SGDR, ICLR 2017, without restarts); ``lr_milestones`` and ``lr_step_gamma`` are ignored.
 * ``poly``: ``PolynomialLR``, lr = base * (1 - t / n_steps) ** 0.9 (the "poly" policy of DeepLab, Chen et al.,
@@ -12,9 +12,6 @@ torch's own schedulers, so their state is checkpointed and resumed like the opti
 """
 
 from __future__ import annotations
-
-import bisect
-import math
 
 import torch
 
@@ -45,21 +42,3 @@ def build_scheduler(optimizer: torch.optim.Optimizer, schedule: str, n_steps: in
     if schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=n_steps, eta_min=0.0)
     return torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=n_steps, power=POLY_POWER)
-
-
-def lr_at(base_lr: float, schedule: str, n_steps: int, milestones: list[int], gamma: float, step: int) -> float:
-    """Closed-form learning rate of optimiser step ``step`` (1-based), i.e. after ``step - 1`` scheduler steps.
-
-    Matches :func:`build_scheduler`'s scheduler up to float rounding (for logs; training uses the scheduler).
-
-    Raises:
-        ValueError: unknown schedule.
-    """
-    t = step - 1
-    if schedule == "step":
-        return base_lr * gamma ** bisect.bisect_right(sorted(int(m) for m in milestones), t)
-    if schedule == "cosine":
-        return base_lr * (1.0 + math.cos(math.pi * min(t, n_steps) / n_steps)) / 2.0
-    if schedule == "poly":
-        return base_lr * (1.0 - min(t, n_steps) / n_steps) ** POLY_POWER
-    raise ValueError(f"lr_schedule={schedule!r}: choose one of {LR_SCHEDULES}")

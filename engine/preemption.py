@@ -29,10 +29,12 @@ from typing import Any
 
 import torch
 
+from util.errors import RunInterrupted
+
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
-class Preempted(KeyboardInterrupt):
+class Preempted(RunInterrupted):
     """Training stopped on a pre-emption signal after writing a snapshot; Sacred marks the run INTERRUPTED.
 
     Attributes:
@@ -41,8 +43,6 @@ class Preempted(KeyboardInterrupt):
         snapshot: its path.
         exit_code: ``128 + signum``.
     """
-
-    STATUS = "INTERRUPTED"
 
     def __init__(self, signum: int, step: int, snapshot: str) -> None:
         self.signum, self.step, self.snapshot = int(signum), int(step), str(snapshot)

@@ -1,4 +1,4 @@
-"""Skip a training step whose loss is not finite, without reading the loss back to the host (issue 12).
+"""Skip a training step whose loss is not finite, without reading the loss back to the host.
 
 A skipped step must leave the run exactly as it was: no optimizer update (weights and momentum unchanged) and
 BatchNorm running statistics as before the forward pass (they change *during* the forward). :class:`StepGuard`

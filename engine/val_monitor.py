@@ -1,10 +1,12 @@
 """Validation-based checkpoint choice (optional, off by default): score held-out ``val_scans`` at every snapshot.
 
-``val_scans`` are scan ids with labels taken out of the fold's training scans (SPEC 9: "take any validation subset
-from the training scans, and report it apart from parity numbers"): training never sees them, and a val scan that
-is a query or the support of the fold is refused, since choosing a checkpoint on the test scans would leak them.
+``val_scans`` are scan ids with labels taken out of the fold's training scans (docs/method.md#folds: a validation subset
+comes from the training scans only and is reported apart from the parity numbers): training never sees them, and a val
+scan that is a query or the support of the fold is refused, since choosing a checkpoint on the test scans would leak
+them.
 At each snapshot the model is scored on the val scans with the same EP1-ALP protocol and predictor as
-``validation.py`` (:func:`util.protocol.evaluate_fold`, :class:`util.inference.FastPredictor`), with the fold's
+``validation.py`` (:func:`evaluation.ep1_alp.evaluate_fold`, :class:`evaluation.predictors.FastPredictor`), with the
+fold's
 support scan(s) as support and the run's test classes. The history goes to ``<run folder>/val_history.json``; the
 best snapshot (highest mean Dice, the earliest on ties) is reported next to the fixed final step, never instead of
 it: the paper's numbers are those of the final step.
@@ -23,9 +25,9 @@ from dataloaders import niftiio
 from dataloaders.dataset_info import DatasetInfo, Fold
 from dataloaders.manual_anno_dataset import load_annotated_scans
 from dataloaders.normalization import Normalizer
-from util.inference import FastPredictor
-from util.protocol import evaluate_fold
-from util.run_setup import ConfigError
+from evaluation.ep1_alp import evaluate_fold
+from evaluation.predictors import FastPredictor
+from util.errors import ConfigError
 
 HISTORY_FILE = "val_history.json"
 
@@ -34,7 +36,7 @@ def split_off_val_scans(fold: Fold, val_scans: list[int] | tuple[int, ...] | Non
     """The fold with ``val_scans`` removed from its training scans.
 
     Args:
-        fold: the fold from :func:`util.run_setup.resolve_fold`.
+        fold: the fold from :func:`engine.run_setup.resolve_fold`.
         val_scans: scan ids to hold out for validation (``[]``/``None``: the fold unchanged).
 
     Returns:

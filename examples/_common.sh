@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY=${PY:-.venv/bin/python}
 GPUID=${GPUID:-0}                 # CUDA device index
-FOLDS=${FOLDS:-"0 1 2 3 4"}       # folds of SPEC 9
+FOLDS=${FOLDS:-"0 1 2 3 4"}       # folds (docs/method.md#folds)
 SETTINGS=${SETTINGS:-"1 2"}       # 1: all slices; 2: slices with test organs removed
 RUNS=${RUNS:-runs}                # output root
 NSTEPS=${NSTEPS:-100000}          # optimiser steps (the paper's 100k)

@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 OUT=${OUT:-runs/demo}
-$PY -m util.demo --out "$OUT"
+$PY -m launch.demo --out "$OUT"

@@ -20,5 +20,5 @@ else
   WHERE=(--devices "${DEVICES:-0}")
 fi
 # shellcheck disable=SC2086  # FOLDS, SETTINGS and LABEL_SETS are word lists
-exec $PY -m util.sweep --dataset "$DATASET" --settings $SETTINGS --folds $FOLDS --label-sets $LABEL_SETS \
+exec $PY -m launch.sweep --dataset "$DATASET" --settings $SETTINGS --folds $FOLDS --label-sets $LABEL_SETS \
   "${WHERE[@]}" --out "$OUT" "$@"

@@ -7,5 +7,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
-exec $PY -m util.sweep --dataset PHANTOM --settings 1 --folds 0 1 --label-sets 0 --devices cpu,cpu \
+exec $PY -m launch.sweep --dataset PHANTOM --settings 1 --folds 0 1 --label-sets 0 --devices cpu,cpu \
   --out "${OUT:-runs/sweep_phantom}" with demo n_steps="${STEPS:-300}" "lr_milestones=[${MILESTONE:-230}]" "$@"

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Few-shot evaluation (EP1-ALP, SPEC 8.5) of the models trained by train_ssl_abdominal_mri.sh, then the paper's table.
+# Few-shot evaluation (EP1-ALP, docs/method.md#ep1-alp) of the models trained by train_ssl_abdominal_mri.sh, then the
+# paper's table.
 # Overrides: GPUID, FOLDS, SETTINGS, LABEL_SETS, NSTEPS, SNAPSHOT, RUNS (see _common.sh).
 source "$(dirname "$0")/_common.sh"
 LABEL_SETS=${LABEL_SETS:-"0 1"}
@@ -10,4 +11,4 @@ for k in $FOLDS; do
     done
   done
 done
-$PY -m util.summarize "$RUNS/CHAOST2" --out "$RUNS/CHAOST2/summary"
+$PY -m evaluation.summarize "$RUNS/CHAOST2" --out "$RUNS/CHAOST2/summary"

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Few-shot evaluation (EP1-ALP, SPEC 8.5) of the models trained by train_ssl_cardiac.sh, then the paper's table.
+# Few-shot evaluation (EP1-ALP, docs/method.md#ep1-alp) of the models trained by train_ssl_cardiac.sh, then the paper's
+# table.
 # Overrides: GPUID, FOLDS, SETTINGS, LABEL_SETS, NSTEPS, SNAPSHOT, RUNS (see _common.sh).
 SETTINGS=${SETTINGS:-1}  # published cardiac tables report setting 1 only
 source "$(dirname "$0")/_common.sh"
@@ -11,4 +12,4 @@ for k in $FOLDS; do
     done
   done
 done
-$PY -m util.summarize "$RUNS/CMR" --out "$RUNS/CMR/summary"
+$PY -m evaluation.summarize "$RUNS/CMR" --out "$RUNS/CMR/summary"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Self-supervised training of SSL-ALPNet on CMR (the paper's recipe, SPEC 7-9): for each fold,
+# Self-supervised training of SSL-ALPNet on CMR (the paper's recipe, docs/method.md#training-schedule): for each fold,
 # setting 1 trains one model that serves every label group; setting 2 trains one model per label group
 # (leak-free exclusion of every slice that holds a test organ).
 # Overrides: GPUID, FOLDS, SETTINGS, LABEL_SETS, NSTEPS, RUNS (see _common.sh).

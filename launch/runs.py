@@ -1,8 +1,8 @@
 """The runs of a sweep and how one run executes: train (``resume=True``), then test from its latest snapshot.
 
-A run is one training and the tests of its model (SPEC 9-10, as ``examples/test_ssl_*.sh`` pair them); each step is
-``python training.py`` / ``python validation.py`` in a child process whose output goes to the run's ``train.log`` /
-``test.log``. Layout and rules: docs/sweep.md.
+A run is one training and the tests of its model (docs/method.md#settings-and-label-groups, as
+``examples/test_ssl_*.sh`` pair them); each step is ``python training.py`` / ``python validation.py`` in a child process
+whose output goes to the run's ``train.log`` / ``test.log``. Layout and rules: docs/sweep.md.
 """
 
 from __future__ import annotations
@@ -16,11 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from util.checkpoint import latest_snapshot
+from util.errors import ProjectError
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-class SweepError(ValueError):
+class SweepError(ProjectError, ValueError):
     """Bad sweep arguments (one-line message)."""
 
 

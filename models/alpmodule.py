@@ -1,4 +1,5 @@
-"""Adaptive local prototype pooling (ALP) classifier of ALPNet, with no learnable parameters (SPEC 6.2).
+"""Adaptive local prototype pooling (ALP) classifier of ALPNet, with no learnable parameters
+(docs/method.md#adaptive-local-prototype-pooling).
 
 Re-implementation of the original's ``models/alpmodule.py`` (``MultiProtoAsConv``), split in two steps so that the
 prototypes of one support can be computed once and reused for many query slices:
@@ -11,12 +12,12 @@ Prototype modes:
 
 * ``gridconv`` (background): local prototypes only = avg-pooled F over non-overlapping w x w windows whose avg-pooled
   mask is > ``thresh`` (0.95). When no window qualifies, the global prototype is used instead (mode ``mask``,
-  ``fallback=True``; the original raised and skipped the step, Q14).
+  ``fallback=True``; the original raised and skipped the step, docs/method.md#q14-no-background-window).
 * ``gridconv+`` (foreground): local prototypes + global prototype(s); only when max avgpool_{4x4}(M) >= ``thresh``
-  (the 4 is the original's hard-coded rule window, Q13), otherwise mode ``mask``.
+  (the 4 is the original's hard-coded rule window, docs/method.md#q13-rule-window-4x4), otherwise mode ``mask``.
 * ``mask``: the global prototype alone.
 
-Global prototypes with S > 1 shots (SPEC 8.8), ``multishot``:
+Global prototypes with S > 1 shots (docs/method.md#several-shots), ``multishot``:
 
 * ``per_shot`` (default, the original's rule): ``gridconv+`` keeps one global row per shot,
   p_s = sum(F_s M_s) / (sum(M_s) + 1e-5), after the local prototypes of all shots; ``mask`` uses the mean of the
@@ -47,7 +48,7 @@ SCALE = 20.0  # cosine similarity multiplier
 NORM_EPS = 1e-4  # lower clamp of the L2 norms
 MASK_EPS = 1e-5  # added to the mask area in the global prototype
 THRESH = 0.95  # FG_THRESH = BG_THRESH of the original
-FG_GLOBAL_RULE_WINDOW = 4  # hard-coded window of the gridconv+ eligibility test (Q13)
+FG_GLOBAL_RULE_WINDOW = 4  # hard-coded window of the gridconv+ test (docs/method.md#q13-rule-window-4x4)
 
 
 class EmptyMaskError(ValueError):
@@ -64,7 +65,7 @@ class Prototypes:
         mode: Mode actually used (``gridconv+`` may fall back to ``mask``; ``gridconv`` to ``mask`` when empty).
         n_local: Number of local (window) prototypes among the K.
         fallback: True when local prototypes were requested (``gridconv``) but no window passed the threshold, so
-            the global prototype was used (Q14).
+            the global prototype was used (docs/method.md#q14-no-background-window).
     """
 
     vectors: torch.Tensor
@@ -122,7 +123,8 @@ def global_prototype(feats: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def per_shot_global_prototypes(feats: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """One masked average per shot: p_s = sum(F_s M_s) / (sum(M_s) + 1e-5) (the original's rule, SPEC 8.8).
+    """One masked average per shot: p_s = sum(F_s M_s) / (sum(M_s) + 1e-5) (the original's rule,
+    docs/method.md#several-shots).
 
     Args:
         feats: (S, C, h, w) features.
@@ -157,7 +159,8 @@ def local_prototypes(feats: torch.Tensor, mask: torch.Tensor, window: int, thres
 
 
 def fg_global_rule(mask: torch.Tensor, rule_window: int = FG_GLOBAL_RULE_WINDOW, thresh: float = THRESH) -> bool:
-    """The original's ``gridconv+`` eligibility test: max avgpool_{rule_window}(M) >= thresh (Q13).
+    """The original's ``gridconv+`` eligibility test: max avgpool_{rule_window}(M) >= thresh
+    (docs/method.md#q13-rule-window-4x4).
 
     Args:
         mask: (S, 1, h, w) soft FG mask at feature size.
@@ -189,12 +192,13 @@ def compute_prototypes(
         window: ALP window (4 in training, ``val_wsize`` = 2 at test).
         mode: Requested mode: ``gridconv`` (BG), ``gridconv+`` (FG) or ``mask``.
         thresh: Local keep threshold (> thresh) and ``gridconv+`` rule threshold (>= thresh).
-        fg_global_rule_window: Window of the ``gridconv+`` eligibility test (Q13).
+        fg_global_rule_window: Window of the ``gridconv+`` eligibility test (docs/method.md#q13-rule-window-4x4).
         allow_empty: For ``gridconv+``/``mask``, accept an all-zero mask (giving the zero prototype, as the
             original does) instead of raising.
         multishot: Foreground global prototypes with S > 1 shots: ``per_shot`` (the original's rule: one global
             row per shot in ``gridconv+``, their mean in ``mask``) or ``pooled`` (one area-weighted prototype over
-            all shots); see the module docstring and SPEC 8.8. Irrelevant for one shot and for ``gridconv``.
+            all shots); see the module docstring and docs/method.md#several-shots. Irrelevant for one shot and
+            for ``gridconv``.
 
     Returns:
         :class:`Prototypes` with the mode actually used.
@@ -210,7 +214,8 @@ def compute_prototypes(
         local = local_prototypes(feats, mask, window, thresh)
         if local.shape[0] > 0:
             return Prototypes(local, "gridconv", local.shape[0])
-        # no window is > thresh background: fall back to the global prototype (Q14; may be 0 if mask is empty)
+        # no window is > thresh background: fall back to the global prototype (may be 0 if mask is empty;
+        # docs/method.md#q14-no-background-window)
         return Prototypes(global_prototype(feats, mask), "mask", 0, fallback=True)
     if mode not in ("gridconv+", "mask"):
         raise ValueError(f"unknown prototype mode {mode!r}")

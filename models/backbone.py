@@ -1,8 +1,8 @@
 """Feature encoder of ALPNet: a dilated CNN trunk (output stride 8) followed by a 1x1 projection to 256 channels.
 
-Re-implementation of the original's ``models/backbone/torchvision_backbones.py`` (SPEC 6.1). The attributes are
-named ``backbone`` and ``localconv`` so that, inside ``FewShotSeg`` (attribute ``encoder``), the state-dict keys are
-the original's ``encoder.backbone.*`` and ``encoder.localconv.weight``.
+Re-implementation of the original's ``models/backbone/torchvision_backbones.py`` (docs/method.md#network). The
+attributes are named ``backbone`` and ``localconv`` so that, inside ``FewShotSeg`` (attribute ``encoder``), the
+state-dict keys are the original's ``encoder.backbone.*`` and ``encoder.localconv.weight``.
 
 Backbones (``name``):
 
@@ -15,11 +15,11 @@ Backbones (``name``):
 ``localconv`` is a 1x1 conv (C -> 256) without bias and without BN/ReLU after it (default PyTorch init), so for a
 256x256 input the encoder returns 256x32x32 features.
 
-Initialisation (Q15): ``init="coco"`` loads torchvision's COCO DeepLabV3 weights, ``"imagenet"`` the ImageNet
-ResNet weights, ``"none"`` keeps the random init and never touches the network. Pretrained files are taken from
-the torch hub cache (``$TORCH_HOME/hub/checkpoints``) when present and downloaded otherwise; offline, a
-:class:`models.weights.PretrainedWeightsUnavailable` error says where to put the file. ``weights_path`` loads a
-local file instead (torchvision DeepLabV3, plain backbone, or original SSL-ALPNet checkpoint layouts).
+Initialisation (docs/method.md#q15-encoder-init): ``init="coco"`` loads torchvision's COCO DeepLabV3 weights,
+``"imagenet"`` the ImageNet ResNet weights, ``"none"`` keeps the random init and never touches the network. Pretrained
+files are taken from the torch hub cache (``$TORCH_HOME/hub/checkpoints``) when present and downloaded otherwise;
+offline, a :class:`models.weights.PretrainedWeightsUnavailable` error says where to put the file. ``weights_path`` loads
+a local file instead (torchvision DeepLabV3, plain backbone, or original SSL-ALPNet checkpoint layouts).
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ from torchvision.models.segmentation import (
     deeplabv3_resnet50,
     deeplabv3_resnet101,
 )
-from torchvision.models.segmentation.deeplabv3 import ASPP
 
+from models.aspp import build_unused_aspp_modules
 from models.weights import fetch_pretrained, load_encoder_weights
 
 BackboneName = Literal["dlfcn_res101", "dlfcn_res50", "lite_gn", "lite_gn_s"]
@@ -121,9 +121,9 @@ class LiteGNBackbone(nn.Module):
     Kaiming-normal (fan_out) init, norms weight 1 / bias 0, and the last GroupNorm of each residual block starts at
     weight 0 (each block starts as identity), which helps training from scratch.
 
-    ``lite_gn_s`` (the demo's since issue 12) has the same depth and receptive field at 0.55 M parameters; a
-    forward and backward pass on two 256x256 slices takes about 0.6x the time of ``lite_gn``'s on the 2-core CPU
-    (0.57x-0.63x in two runs, docs/demo.md).
+    ``lite_gn_s`` (the demo's backbone since it replaced ``lite_gn``) has the same depth and receptive field at 0.55 M
+    parameters; a forward and backward pass on two 256x256 slices takes about 0.6x the time of ``lite_gn``'s on the
+    2-core CPU (0.57x-0.63x in two runs, docs/demo.md).
     """
 
     def __init__(self, widths: tuple[int, int, int] = (32, 48, 128), dilations: tuple[int, ...] = (1, 2, 4),
@@ -153,23 +153,6 @@ class LiteGNBackbone(nn.Module):
         return self.body(self.down(self.stem(x)))
 
 
-# ----------------------------------------------------------------------------------------------- unused ASPP (Q7)
-
-
-def build_unused_aspp_modules() -> tuple[nn.Sequential, nn.Conv2d]:
-    """Build the original's never-used ``aspp_out`` and ``asppconv`` modules (Q7), only for state-dict parity.
-
-    ``aspp_out`` = torchvision ASPP(2048, [12, 24, 36]) followed by a 3x3 conv 256->256 without bias (36 + 1 keys),
-    ``asppconv`` = 1x1 conv 256->256 without bias (1 key); 16.19 M parameters together.
-
-    Returns:
-        ``(aspp_out, asppconv)``.
-    """
-    aspp_out = nn.Sequential(ASPP(2048, [12, 24, 36]), nn.Conv2d(256, 256, 3, padding=1, bias=False))
-    asppconv = nn.Conv2d(256, 256, 1, bias=False)
-    return aspp_out, asppconv
-
-
 # ----------------------------------------------------------------------------------------------- encoder
 
 
@@ -183,7 +166,8 @@ class Encoder(nn.Module):
         weights_path: Local weights file loaded instead of ``init``'s pretrained file (any ``init``); layouts: a
             torchvision DeepLabV3 state dict, a plain backbone state dict, or an original SSL-ALPNet checkpoint (the
             latter also sets ``localconv``).
-        build_unused_aspp: Also build the original's unused ASPP modules (parity of the 663-key state dict, Q7).
+        build_unused_aspp: Also build the original's unused ASPP modules (parity of the 663-key state dict,
+            docs/method.md#q7-unused-aspp).
             They are never called in ``forward``.
 
     Attributes:

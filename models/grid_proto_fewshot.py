@@ -1,24 +1,27 @@
 """ALPNet few-shot segmenter: encoder + adaptive local prototype classifier + prototype-alignment loss.
 
 Re-implementation of the original's ``models/grid_proto_fewshot.py`` (``FewShotSeg``, itself adapted from PANet
-``models/fewshot.py``), SPEC 6.1-6.3. Differences from the original, all behaviour-preserving for one episode:
+``models/fewshot.py``), docs/method.md#network and the sections after it. Differences from the original, all
+behaviour-preserving for one episode:
 
 * a batch of B episodes, each with S support shots and Q queries and its own prototypes (the original asserts
   B = 1, one way, one query); all B*(S+Q) images are encoded in one encoder batch, support first, so that in
-  training mode BatchNorm sees support and query together as in the original (Q25);
-* empty-prototype cases are explicit (no exception-driven skipping, Q4/Q14): see :meth:`FewShotSeg.forward`;
+  training mode BatchNorm sees support and query together as in the original (docs/method.md#q25-joint-batchnorm);
+* empty-prototype cases are explicit (no exception-driven skipping, docs/method.md#q4-faulty-batch-skip): see
+  :meth:`FewShotSeg.forward`;
 * a fast evaluation path: :meth:`FewShotSeg.encode`, :meth:`FewShotSeg.prototypes_from_support` and
   :meth:`FewShotSeg.segment_with_prototypes` (encode one support once, reuse its prototypes for many slices).
 
 ALP windows: ``train_window`` = feature_hw / proto_grid_size = 32 / 8 = 4 in training (and always in the
-alignment loss), ``val_wsize`` = 2 in eval mode; the ``gridconv+`` eligibility rule always uses a 4x4 window (Q13).
+alignment loss), ``val_wsize`` = 2 in eval mode; the ``gridconv+`` eligibility rule always uses a 4x4 window
+(docs/method.md#q13-rule-window-4x4).
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -69,7 +72,8 @@ class FewShotOutput:
         bg_fallback: Per episode, True when no support BG window passed the threshold (global BG prototype used).
         align_empty_fg: Episodes whose predicted query FG (32x32 argmax) was empty in the alignment loss.
         align_skipped: Of those, episodes whose alignment term was dropped (``align_empty_fg="skip"``).
-        align_bg_fallback: Episodes whose predicted query BG had no window > threshold (global BG prototype, Q14).
+        align_bg_fallback: Episodes whose predicted query BG had no window > threshold (global BG prototype,
+            docs/method.md#q14-no-background-window).
     """
 
     logits: torch.Tensor
@@ -92,14 +96,15 @@ class FewShotSeg(nn.Module):
         feature_hw: Nominal feature size (32, 32) for 256x256 input; only used to derive the training window.
         val_wsize: ALP window in eval mode.
         thresh: Keep threshold of local prototypes (> thresh) and of the ``gridconv+`` rule (>= thresh).
-        fg_global_rule_window: Window of the ``gridconv+`` eligibility rule (4, hard-coded in the original, Q13).
+        fg_global_rule_window: Window of the ``gridconv+`` eligibility rule (4, hard-coded in the original,
+            docs/method.md#q13-rule-window-4x4).
         use_align: Compute the alignment loss in training mode.
         align_empty_fg: What the alignment loss does when the predicted query FG is empty: ``skip`` drops the
             term for that episode (default; the support FG cannot be scored against a non-existent FG prototype),
             ``zero_prototype`` keeps it with the original's all-zero FG prototype (S_fg = 0 everywhere, parity).
-        build_unused_aspp: Build the original's unused ASPP modules (663-key state dict, Q7).
-        multishot_proto: Foreground global prototypes with several support shots (SPEC 8.8): ``per_shot`` (the
-            original's rule, default) or ``pooled``; see :func:`models.alpmodule.compute_prototypes`.
+        build_unused_aspp: Build the original's unused ASPP modules (663-key state dict, docs/method.md#q7-unused-aspp).
+        multishot_proto: Foreground global prototypes with several support shots (docs/method.md#several-shots):
+            ``per_shot`` (the original's rule, default) or ``pooled``; see :func:`models.alpmodule.compute_prototypes`.
 
     Attributes:
         encoder: :class:`models.backbone.Encoder`.
@@ -139,9 +144,35 @@ class FewShotSeg(nn.Module):
         if multishot_proto not in MULTISHOT_RULES:
             raise ValueError(f"multishot_proto must be one of {MULTISHOT_RULES}, got {multishot_proto!r}")
         self.multishot_proto = multishot_proto
-        # True only for episode_sampling="legacy" (Q2 parity): an empty support foreground is scored against the
-        # all-zero FG prototype (S_fg = 0 everywhere) and trained on, as the original does, instead of raising.
+        # True only for episode_sampling="legacy" (parity, docs/method.md#q2-superpixel-numbering): an empty support
+        # foreground is scored against the all-zero FG prototype (S_fg = 0 everywhere) and trained on, as the original
+        # does, instead of raising.
         self.allow_empty_support = False
+
+    #: config keys (the Sacred config's names) that :meth:`from_config` passes to the constructor
+    CONFIG_KEYS = ("proto_grid_size", "feature_hw", "val_wsize", "build_unused_aspp", "multishot_proto")
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], backbone: str | None = None, init: EncoderInit = "none",
+                    weights_path: str | os.PathLike[str] | None = None) -> FewShotSeg:
+        """The model a run's config describes: the one builder for training, validation and ``predict.py``.
+
+        Args:
+            config: a run's config (``checkpoint["config"]``); keys of :attr:`CONFIG_KEYS` that it lacks (a plain
+                state dict has no config) take the constructor's defaults, the paper's values.
+            backbone: the backbone when the config has no ``modelname``.
+            init, weights_path: the encoder's initialisation (:class:`models.backbone.Encoder`).
+
+        Raises:
+            ValueError: no backbone in the config or the arguments.
+        """
+        name = config.get("modelname") or backbone
+        if name is None:
+            raise ValueError("the config names no backbone (modelname) and none was given")
+        kwargs = {k: config[k] for k in cls.CONFIG_KEYS if k in config}
+        if "feature_hw" in kwargs:
+            kwargs["feature_hw"] = tuple(kwargs["feature_hw"])
+        return cls(backbone=name, init=init, weights_path=weights_path, **kwargs)
 
     # ------------------------------------------------------------------------------------------- building blocks
 
@@ -239,7 +270,8 @@ class FewShotSeg(nn.Module):
         supp_fg: torch.Tensor,
         supp_bg: torch.Tensor,
     ) -> tuple[torch.Tensor | None, bool, bool]:
-        """PANet-style prototype alignment for one episode (SPEC 6.3), with the roles of support and query swapped.
+        """PANet-style prototype alignment for one episode (docs/method.md#losses), with the roles of support and query
+        swapped.
 
         Hard query masks come from the argmax of the feature-size query prediction; prototypes are pooled from the
         query features (BG ``gridconv``, FG ``gridconv+``/``mask`` by the rule) with the training window; the
@@ -319,7 +351,8 @@ class FewShotSeg(nn.Module):
                                  f"got {tuple(mask.shape)}")
         do_align = (self.training and self.use_align) if compute_align is None else bool(compute_align)
 
-        # one encoder batch for all support and query images (BatchNorm statistics as in the original, Q25)
+        # one encoder batch for all support and query images (BatchNorm as in the original,
+        # docs/method.md#q25-joint-batchnorm)
         feats = self.encode(torch.cat([supp_imgs.flatten(0, 1), qry_imgs.flatten(0, 1)], dim=0))
         supp_feats = feats[: n_ep * n_shot].unflatten(0, (n_ep, n_shot))  # (B, S, C, h, w)
         qry_feats = feats[n_ep * n_shot :].unflatten(0, (n_ep, n_qry))  # (B, Q, C, h, w)

@@ -1,4 +1,4 @@
-"""A trivial, learning-free intensity baseline with the EP1-ALP ``predict`` signature (:mod:`util.protocol`).
+"""A trivial, learning-free intensity baseline with the EP1-ALP ``predict`` signature (:mod:`evaluation.ep1_alp`).
 
 For one chunk: the organ's intensity range is fitted on the support slices (the ``low_pct``..``high_pct``
 percentiles of the support-foreground intensities, pooled over the support slices); the query slices are

@@ -1,10 +1,10 @@
-"""Losses of SSL-ALPNet training (SPEC 6.3).
+"""Losses of SSL-ALPNet training (docs/method.md#losses).
 
 * Query loss: cross-entropy with class weights [0.05 (BG), 1.0 (FG)] (``use_wce=True``), ``ignore_index`` 255,
   PyTorch's weighted mean (sum of w_y * loss / sum of w_y over non-ignored pixels), as in the original.
 * Alignment loss: unweighted cross-entropy with ``ignore_index`` 255, per support shot, averaged over shots.
 
-The class-weight tensor is created on the logits' device and dtype (no ``.cuda()``, Q6).
+The class-weight tensor is created on the logits' device and dtype (no ``.cuda()``, docs/method.md#q6-hard-coded-cuda).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Encoder initialisation files and checkpoint compatibility with the original SSL-ALPNet.
 
-Three jobs (SPEC 6.1, Q7, Q15):
+Three jobs (docs/method.md#checkpoint-layout):
 
 * Find torchvision's pretrained files (COCO DeepLabV3, ImageNet ResNet) in the torch hub cache without network,
   download them only when asked and possible, and turn a failed download into one readable
@@ -27,15 +27,19 @@ import torch
 import torch.hub
 from torch import nn
 
-ASPP_PREFIX = "encoder.aspp"  # encoder.aspp_out.* and encoder.asppconv.weight: built but unused in the original (Q7)
+from models.aspp import build_unused_aspp_modules
+from util.checkpoint import strip_wrapper_prefixes
+from util.errors import ProjectError
+
+ASPP_PREFIX = "encoder.aspp"  # aspp_out.*, asppconv.weight: built, never used (docs/method.md#q7-unused-aspp)
 _SHOW = 5  # how many offending keys an error message lists
 
 
-class PretrainedWeightsUnavailable(RuntimeError):
+class PretrainedWeightsUnavailable(ProjectError, RuntimeError):
     """Requested pretrained encoder weights are neither cached nor downloadable (e.g. no network)."""
 
 
-class StateDictMismatchError(ValueError):
+class StateDictMismatchError(ProjectError, ValueError):
     """A weights file does not fit the model: missing, unexpected or wrongly shaped keys."""
 
 
@@ -167,33 +171,6 @@ def normalise_state_dict(obj: object, source: str = "<state dict>") -> dict[str,
     return strip_wrapper_prefixes(obj)
 
 
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DataParallel / DistributedDataParallel, torch.compile(model)
-
-
-def strip_wrapper_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Remove the key prefixes that model wrappers add to every key, in any nesting.
-
-    ``nn.DataParallel`` and ``DistributedDataParallel`` save ``module.<key>``, ``torch.compile(model)`` saves
-    ``_orig_mod.<key>`` (and DDP around a compiled model ``module._orig_mod.<key>``). A prefix is removed only when
-    every key carries it, so a model whose own submodule is called ``module`` is left alone.
-
-    Args:
-        state: flat state dict.
-
-    Returns:
-        A new dict with the wrapper prefixes removed.
-    """
-    out = dict(state)
-    changed = True
-    while changed and out:
-        changed = False
-        for prefix in WRAPPER_PREFIXES:
-            if all(k.startswith(prefix) for k in out):
-                out = {k[len(prefix):]: v for k, v in out.items()}
-                changed = True
-    return out
-
-
 def _describe_mismatch(
     expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor], source: str
 ) -> str | None:
@@ -310,7 +287,8 @@ class LoadReport:
 
     Attributes:
         loaded: Number of tensors copied into the model.
-        ignored_aspp: ``encoder.aspp*`` keys dropped because the model does not build them (Q7).
+        ignored_aspp: ``encoder.aspp*`` keys dropped because the model does not build them
+            (docs/method.md#q7-unused-aspp).
         missing: Model keys absent from the file (only non-empty with ``strict=False``).
         unexpected: File keys the model does not have (only non-empty with ``strict=False``).
     """
@@ -394,11 +372,37 @@ def export_original_state_dict(
         if localconv is None or localconv.shape[1] != 2048:
             raise ValueError("add_unused_aspp needs a ResNet encoder (2048-channel trunk); the original has no "
                              "other layout")
-        from models.backbone import build_unused_aspp_modules  # local import: backbone imports this module
-
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             aspp_out, asppconv = build_unused_aspp_modules()
         state.update({f"encoder.aspp_out.{k}": v for k, v in aspp_out.state_dict().items()})
         state.update({f"encoder.asppconv.{k}": v for k, v in asppconv.state_dict().items()})
     return state
+
+
+def state_dict_mismatch(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> str | None:
+    """Why ``state`` does not fit ``model`` (first missing, unexpected and mis-shaped keys), or ``None`` if it fits.
+
+    The original's unused ``encoder.aspp*`` keys are ignored unless the model builds them
+    (docs/method.md#q7-unused-aspp).
+    """
+    expected = model.state_dict()
+    if not any(k.startswith(ASPP_PREFIX) for k in expected):
+        state = {k: v for k, v in state.items() if not k.startswith(ASPP_PREFIX)}
+    try:
+        check_state_dict_fits(expected, state, str(path))
+    except StateDictMismatchError as err:
+        return str(err)
+    return None
+
+
+def load_model_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Load a checkpoint's ``model`` state dict into ``model``, strictly.
+
+    Raises:
+        StateDictMismatchError: another architecture; the message names ``path`` and the first offending keys.
+    """
+    message = state_dict_mismatch(model, state, path)
+    if message is not None:
+        raise StateDictMismatchError(message)
+    load_original_checkpoint(model, state)

@@ -1,5 +1,6 @@
-"""Whole-volume segmentation of new scans from annotated support scans (``predict.py``).
+"""Whole-volume segmentation of new scans from annotated support scans: the library behind ``predict.py``.
 
-``volume`` scores a query volume with the EP2 rule (SPEC 8.6, util/protocol.py); ``report`` draws the overlays and
-the self-contained HTML page.
+``run`` plans and runs a prediction (every option and file checked first); ``correspondence`` places each support
+scan along the query from the images alone; ``volume`` segments a whole query volume (docs/method.md#ep2);
+``report`` draws the overlays and the self-contained HTML page.
 """

@@ -20,6 +20,8 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from util.atomic import atomic_file, write_text
+
 
 def overlay_slices(pred: np.ndarray, ref: np.ndarray | None, n: int = 3) -> list[int]:
     """Up to ``n`` slice indices spread over the class's extent: positions 1/(n+1) .. n/(n+1) of the slices where
@@ -71,9 +73,8 @@ def write_overlay(image: np.ndarray, pred: np.ndarray, ref: np.ndarray | None, p
         panels.append(np.kron(rgb, np.ones((scale, scale, 1), np.uint8)))
         panels.append(np.zeros((panels[-1].shape[0], 4, 3), np.uint8))  # a black gap between slices
     picture = np.ascontiguousarray(np.concatenate(panels[:-1], axis=1))
-    tmp = path.with_name(f".tmp-{path.name}")
-    sitk.WriteImage(sitk.GetImageFromArray(picture, isVector=True), str(tmp))
-    tmp.replace(path)
+    with atomic_file(path) as tmp:
+        sitk.WriteImage(sitk.GetImageFromArray(picture, isVector=True), str(tmp))
     return zs
 
 
@@ -129,7 +130,5 @@ holding the class. Overlays: processed grid (LPS, axial), red = prediction, gree
 {chr(10).join(figures)}
 </body></html>
 """
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(path)
+    write_text(path, page)
     return path

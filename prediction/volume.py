@@ -1,13 +1,14 @@
 """Whole-volume few-shot segmentation of a query scan from k annotated support scans (the ``predict.py`` path).
 
-Every requested class is segmented with the EP2 rule of :func:`util.protocol.ep2_segment_class` (the same function
+Every requested class is segmented with the EP2 rule of :func:`evaluation.ep1_alp.ep2_segment_class` (the same function
 ``validation.py with protocol=ep2`` scores): support slices at the chunk centres of each support scan's organ, the
 organ's range estimated in the query from the body z-extents (no query label is used), every query slice scored,
 largest 3D connected component kept. With k support scans the model receives the k slices of a chunk as its
-multi-shot support and pools their prototypes (SPEC 8.8).
+multi-shot support and pools their prototypes (docs/method.md#several-shots).
 
-Classes are combined into one label volume: a voxel claimed by several classes goes to the class with the largest
-margin S_fg - S_bg (the ALP scores of SPEC 6.2); labels keep the ids the supports carry (e.g. the user's own 5).
+Classes are combined into one label volume: a voxel claimed by several classes goes to the class with the largest margin
+S_fg - S_bg (the ALP scores, docs/method.md#adaptive-local-prototype-pooling); labels keep the ids the supports carry
+(e.g. the user's own 5).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
-from util.protocol import ClassSegmentation, MarginFn, SupportScan, ep2_segment_class
+from evaluation.ep2 import ClassSegmentation, MarginFn, SupportScan, ep2_segment_class
 
 
 @dataclass
@@ -27,7 +28,7 @@ class VolumeSegmentation:
 
     Attributes:
         labels: (Z, H, W) int32 label volume on the model's grid; 0 = background, else the class ids requested.
-        classes: {class id: :class:`util.protocol.ClassSegmentation`} (per-class mask, margin, supports, range).
+        classes: {class id: :class:`evaluation.ep1_alp.ClassSegmentation`} (per-class mask, margin, supports, range).
     """
 
     labels: np.ndarray
@@ -63,7 +64,7 @@ def segment_volume(margin: MarginFn, supports: Sequence[SupportScan], query_imag
     """Segment the requested classes in a whole query volume.
 
     Args:
-        margin: S_fg - S_bg of query slices against a support set (``util.protocol.margin_fn(FastPredictor(...))``).
+        margin: S_fg - S_bg of query slices against a support set (``evaluation.ep2.margin_fn(FastPredictor(...))``).
         supports: k >= 1 annotated support scans on the model's grid (image normalised, labels holding ``classes``).
         query_image: (Z, H, W) float32 normalised query, same H, W as the supports (Z may differ).
         query_body: (Z, H, W) bool body mask of the query.

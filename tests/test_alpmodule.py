@@ -103,7 +103,8 @@ def test_fg_rule_uses_4x4_window_even_at_val_wsize_2():
     holed = block.clone()
     holed[..., 3, 3] = 0  # 4x4 mean 15/16 < 0.95, although three 2x2 windows are still 100 % FG
     assert local_prototypes(feats, holed, 2).shape[0] == 3
-    assert compute_prototypes(feats, holed, 2, "gridconv+").mode == "mask"  # Q13: the 4x4 rule decides
+    # the 4x4 rule decides (docs/method.md#q13-rule-window-4x4)
+    assert compute_prototypes(feats, holed, 2, "gridconv+").mode == "mask"
     assert compute_prototypes(feats, holed, 2, "gridconv+", fg_global_rule_window=2).n_local == 3
     shifted = torch.zeros(1, 1, 8, 8)
     shifted[..., 2:6, 2:6] = 1  # a full 4x4 block that straddles the non-overlapping 4x4 grid
@@ -206,7 +207,7 @@ def test_bad_shapes_and_windows_raise(toy):
         compute_prototypes(feats, fg, 2, "grid")  # type: ignore[arg-type]
 
 
-# ------------------------------------------------------------------ several shots (SPEC 8.8)
+# ------------------------------------------------------------------ several shots (docs/method.md#several-shots)
 @pytest.fixture
 def two_shots() -> tuple[torch.Tensor, torch.Tensor]:
     """Two shots of C=2 features on a 2x2 map; with window 2 each shot has one window (the whole map).

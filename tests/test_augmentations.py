@@ -153,7 +153,7 @@ def test_flips_when_enabled() -> None:
                   np.random.default_rng(0))
 
 
-# ------------------------------------------------------------------ parity with the original's arithmetic (SPEC 5.3)
+# ------------------------------------------------------------------ parity with the original's arithmetic
 def _original_sabs_aug(image: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """``sabs_aug`` written from the original's formulas, in its own layout: an (H, W, 3) float32 stack warped at
     once, cv2 rotation/zoom centre (H/2, W//2), the float64 product of the matrices rounded to float32, warpAffine

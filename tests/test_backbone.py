@@ -116,7 +116,7 @@ def test_res101_with_unused_aspp_parity(offline):
     assert {"aspp_out.1.weight", "asppconv.weight"} <= set(keys)
     used = _n_params(enc.backbone) + _n_params(enc.localconv)
     assert (_n_params(enc.backbone), _n_params(enc.localconv)) == (42_500_160, 524_288)  # 42.50 M + 0.52 M
-    assert used == 43_024_448 and _n_params(enc) == 59_214_912  # 43.02 M used, 59.21 M in all (SPEC 6.1)
+    assert used == 43_024_448 and _n_params(enc) == 59_214_912  # 43.02 M used, 59.21 M in all (docs/method.md#network)
     assert enc.backbone.layer4[0].conv2.dilation == (2, 2) and enc.backbone.layer4[1].conv2.dilation == (4, 4)
     out = enc(torch.randn(2, 3, 32, 32))
     assert out.shape == (2, 256, 4, 4)

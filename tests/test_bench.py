@@ -51,7 +51,7 @@ def test_quick_run_writes_every_key(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert all(50 < v < 20000 for v in res["peak_rss_mb"].values())
     for key in ("device", "torch", "cpu_count", "load_avg_start", "load_avg_end", "command"):
         assert key in res["meta"], key
-    # the real training loop around a one-layer encoder, and the paper step before issue 12 vs now
+    # the real training loop around a one-layer encoder, and the paper step before vs after the host-sync-free step
     loop = res["measurements"]["loop.workers=0"]
     assert loop["steps_timed"] == 25 - 20 - 1 and loop["skipped_steps"] == 0 and loop["input_size"] == 64
     assert res["loop_steps_per_s"]["0"] == loop["steps_per_s"] > 0

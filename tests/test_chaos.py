@@ -13,7 +13,6 @@ import SimpleITK as sitk
 from PIL import Image
 
 from data_preprocessing import chaos
-from data_preprocessing.verify import RawDataError
 from dataloaders.niftiio import (
     classmap_path,
     fgmask_path,
@@ -25,6 +24,7 @@ from dataloaders.niftiio import (
     superpix_path,
 )
 from tests.raw_fixtures import CHAOS_ORGANS, MARKER_VALUE, ChaosPatient, foreign_dicom, make_chaos_patient
+from util.errors import RawDataError
 
 MARKER = (5, 10, 40)  # spatial slice 5, rows 10..12, columns 40..42 (top of the image: a vertical flip would move it)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_preprocessing.class_slice_index import build_classmap, main, slice_class_counts, write_classmap
+from data_preprocessing.class_slice_index import build_classmap, main, write_classmap
 from dataloaders.dataset_info import get_dataset_info
 from dataloaders.niftiio import Geometry, classmap_path, image_path, label_path, load_classmap, write_volume
 
@@ -30,16 +30,6 @@ def hand_labels() -> dict[int, np.ndarray]:
     b[0, 0, 0:3] = 2  # three RK pixels
     b[3, 1, 1] = 1
     return {10: b, 2: a}
-
-
-def test_slice_class_counts_hand_values() -> None:
-    counts = slice_class_counts(hand_labels()[2], 5)
-    expected = np.array([[16, 0, 0, 0, 0],
-                         [15, 1, 0, 0, 0],
-                         [13, 2, 1, 0, 0],
-                         [0, 0, 0, 16, 0],
-                         [14, 0, 0, 0, 2]])
-    np.testing.assert_array_equal(counts, expected)
 
 
 def test_build_classmap_min_fg_1() -> None:

@@ -11,8 +11,9 @@ import pytest
 
 import bench.__main__ as bench_cli
 from data_preprocessing import chaos, class_slice_index, cmr, phantom, pseudolabel, sabs, verify
+from evaluation import baseline, summarize
+from launch import demo
 from tests.reliability_fixtures import script
-from util import baseline, demo, summarize
 
 
 def _cases(tmp: Path) -> list[tuple[str, Callable, list[str], str]]:

@@ -1,4 +1,4 @@
-"""Registry: fold tables equal SPEC section 9, label groups of SPEC 8.1, custom description files."""
+"""Registry: fold tables and label groups as in docs/method.md (#folds, #settings-and-label-groups), custom files."""
 
 from pathlib import Path
 
@@ -6,7 +6,7 @@ import pytest
 
 from dataloaders.dataset_info import DatasetDescriptionError, builtin_names, get_dataset_info, load_description
 
-# SPEC section 9, fold -> (queries, support)
+# docs/method.md#folds, fold -> (queries, support)
 CHAOS_FOLDS = {
     0: ([1, 2, 3, 5], [8]),
     1: ([8, 10, 13, 15], [19]),

@@ -2,7 +2,7 @@
 
 The run is a real ``python -m torch.distributed.run --standalone --nproc_per_node=2 training.py with demo ...`` on a
 tiny phantom. Each snapshot stores rank 0's cross-rank check (``ckpt["ddp"]``, written by
-``util.run_setup.DistContext.consistency_report``): per-rank weight checksums and the episode indices each rank
+``engine.run_setup.DistContext.consistency_report``): per-rank weight checksums and the episode indices each rank
 trained on. The test also recomputes the checksum of the saved weights, so the comparison is about these weights.
 """
 
@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from engine.builders import EpisodeIndexSampler
 from models.grid_proto_fewshot import FewShotSeg
-from training import EpisodeIndexSampler
 from util.checkpoint import load_checkpoint
-from util.run_setup import state_checksums
+from util.distributed import state_checksums
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["modelname=lite_gn", "lr_schedule=step",

@@ -1,4 +1,4 @@
-"""util.demo.export_foreign: the demo's foreign-geometry copy of a processed scan covers the same physical points."""
+"""launch.demo.export_foreign: the demo's foreign-geometry copy of a processed scan covers the same physical points."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from dataloaders import niftiio
-from util.demo import FOREIGN_DIRECTION, FOREIGN_SIZE, FOREIGN_SPACING, export_foreign
+from launch.demo import FOREIGN_DIRECTION, FOREIGN_SIZE, FOREIGN_SPACING, export_foreign
 
 
 def test_export_foreign_keeps_physical_positions(tmp_path: Path) -> None:

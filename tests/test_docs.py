@@ -63,7 +63,7 @@ def test_helpers_on_hand_made_text() -> None:
     assert links(text) == ["docs/a.md", "b.png", "docs/c.md#part-two", "https://example.org"]
     assert slug("When something goes wrong") == "when-something-goes-wrong"
     assert slug("Running the paper's experiments on a GPU") == "running-the-papers-experiments-on-a-gpu"
-    assert slug("Fast evaluation (`util/inference.py`)") == "fast-evaluation-utilinferencepy"
+    assert slug("Fast evaluation (`evaluation/predictors.py`)") == "fast-evaluation-evaluationpredictorspy"
     assert slug("CHAOS T2-SPIR (`CHAOST2`)") == "chaos-t2-spir-chaost2"
 
 

@@ -17,12 +17,13 @@ import numpy as np
 import pytest
 import torch
 
-import training
+import training  # noqa: F401 - registers the train command on the experiment
 from config_ssl_upload import ex
 from data_preprocessing import chaos
 from data_preprocessing.class_slice_index import write_classmap
 from dataloaders import niftiio
 from dataloaders.dataset_info import get_dataset_info
+from engine import train_loop
 from tests.raw_fixtures import foreign_dicom, make_chaos_patient
 from tests.reliability_fixtures import TINY, cli, copy_data, files_under, script
 from util.cli import EXIT_FAILURE, EXIT_USER_ERROR
@@ -240,7 +241,7 @@ def test_unexpected_errors_keep_their_traceback(tiny_phantom: Path, tmp_path: Pa
     def broken_step(*args, **kwargs):
         raise RuntimeError("a bug in the step, reported as it is")
 
-    monkeypatch.setattr(training, "train_step", broken_step)
+    monkeypatch.setattr(train_loop, "train_step", broken_step)
     run_dir = tmp_path / "run"
     code = cli("training.py", [*TINY, f"data_dir={tiny_phantom}", f"run_dir={run_dir}"])
     err = _err(capsys)

@@ -14,20 +14,16 @@ from data_preprocessing.geometry import (
     Grid,
     GridTransform,
     PrepareSettings,
-    check_same_grid,
     label_values,
-    list_scans,
     preprocess_image,
     preprocess_label,
     preprocessing_from_checkpoint,
-    read_label,
-    read_scan,
-    scan_name,
     to_source_grid,
 )
-from data_preprocessing.verify import RawDataError
+from data_preprocessing.scan_reader import check_same_grid, list_scans, read_label, read_scan, scan_name
 from dataloaders.niftiio import DataFormatError
 from tests.raw_fixtures import foreign_dicom, make_chaos_patient
+from util.errors import RawDataError
 
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 

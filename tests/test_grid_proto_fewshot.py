@@ -84,7 +84,8 @@ def test_support_and_query_encoded_in_one_batch():
     fg = torch.zeros(2, 2, H, W)
     fg[..., :32, :32] = 1
     model(supp, fg, 1 - fg, qry)
-    (batch,) = model.encoder.calls  # a single encoder call (BatchNorm sees support and query together, Q25)
+    # one encoder call: BatchNorm sees support and query together (docs/method.md#q25-joint-batchnorm)
+    (batch,) = model.encoder.calls
     torch.testing.assert_close(batch, torch.cat([supp.flatten(0, 1), qry.flatten(0, 1)]))
 
 

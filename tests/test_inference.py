@@ -1,8 +1,11 @@
-"""Tests of util.inference: the fast predictor gives the naive (original) path's logits and Dice, with fewer encodes.
+"""Tests of evaluation.predictors: the fast predictor gives the naive (original) path's logits and Dice, with fewer
+encodes.
 
 Logits are compared with ``atol = rtol = 1e-5``: the paths encode different batches (support + one query vs many
 queries), so float32 convolutions round differently; on logits of magnitude ~20 (20 x cosine) the observed gap is
-about 1.5e-5 absolute, i.e. < 1e-6 relative. Predictions and Dice are compared exactly.
+about 1.5e-5 absolute, i.e. < 1e-6 relative. Predictions (argmax of the logits) are compared exactly except at
+near-ties, pixels whose two logits are within that rounding of each other (:func:`_assert_same_masks`), and Dice
+exactly when no such pixel differs.
 """
 
 from __future__ import annotations
@@ -11,12 +14,16 @@ import numpy as np
 import pytest
 import torch
 
+from evaluation.ep1_alp import evaluate_fold
+from evaluation.predictors import FastPredictor, NaivePredictor
 from models.grid_proto_fewshot import FewShotSeg
-from util.inference import FastPredictor, NaivePredictor
-from util.protocol import evaluate_fold
 
 SIZE, N_SLICES = 64, 10
 DEVICE = torch.device("cpu")
+# |S_fg - S_bg| at or below this is a near-tie: 2 x the logit tolerance (1e-5 + 1e-5 x |logit| ~ 20). Which way such
+# a pixel goes depends on the CPU's SIMD kernels: on an AVX-512 host one pixel of the fold below is an exact tie in
+# the naive logits that the fast path's rounding breaks the other way (on AVX2 it does not).
+NEAR_TIE = 2 * (1e-5 + 1e-5 * 20)
 
 
 def make_model() -> FewShotSeg:
@@ -54,6 +61,16 @@ def volumes() -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
     return {s: v[0] for s, v in scans.items()}, {s: v[1] for s, v in scans.items()}
 
 
+def _assert_same_masks(pred: np.ndarray, naive_logits: torch.Tensor) -> int:
+    """``pred`` is the naive logits' argmax mask except at near-ties (:data:`NEAR_TIE`); returns how many differ."""
+    want = (naive_logits.argmax(1) == 1).numpy()
+    margin = (naive_logits[:, 1] - naive_logits[:, 0]).abs().numpy()
+    differ = pred != want
+    assert np.all(margin[differ] <= NEAR_TIE), f"{differ.sum()} pixels differ, margins up to {margin[differ].max()}"
+    assert differ.sum() <= 1e-3 * differ.size  # a few ties, not a systematic difference
+    return int(differ.sum())
+
+
 def test_logits_match_naive_within_1e5(volumes) -> None:
     images, labels = volumes
     model = make_model()
@@ -75,9 +92,9 @@ def test_logits_match_naive_within_1e5(volumes) -> None:
     tiny_cache = FastPredictor(model, DEVICE, batch_size=4, cache_mb=1e-6)
     torch.testing.assert_close(tiny_cache.logits(support, masks, queries), naive2, rtol=1e-5, atol=1e-5)
     assert len(tiny_cache._feats) == 0
-    # the masks of __call__ are the argmax of the same logits, and not trivial
+    # the masks of __call__ are the argmax of the same logits (up to near-ties), and not trivial
     pred = fast(support[:1], masks[:1], queries)
-    np.testing.assert_array_equal(pred, (naive.argmax(1) == 1).numpy())
+    _assert_same_masks(pred, naive)
     assert 0.02 < pred.mean() < 0.98
 
 
@@ -104,13 +121,32 @@ def test_same_fold_result_as_naive_with_fewer_encodes(volumes) -> None:
         encodes["naive"] += imgs.shape[0]
         return original_encode(imgs)
 
-    res_fast = evaluate_fold(fast, images, labels, support_ids=[0], query_ids=[1, 2], classes=[1, 2])
+    fast_masks, naive_logits = [], []  # per predict call, to tell near-ties from real differences
+    naive_logits_fn = naive.logits
+
+    def fast_predict(*args: np.ndarray) -> np.ndarray:
+        fast_masks.append(fast(*args))
+        return fast_masks[-1]
+
+    def recording_logits(*args: np.ndarray) -> torch.Tensor:  # NaivePredictor.__call__ takes the argmax of these
+        naive_logits.append(naive_logits_fn(*args))
+        return naive_logits[-1]
+
+    naive.logits = recording_logits
+    res_fast = evaluate_fold(fast_predict, images, labels, support_ids=[0], query_ids=[1, 2], classes=[1, 2])
     model.encode = counting_encode  # the naive path encodes through forward -> encode
     res_naive = evaluate_fold(naive, images, labels, support_ids=[0], query_ids=[1, 2], classes=[1, 2])
-    for key in res_naive.predictions:
-        np.testing.assert_array_equal(res_fast.predictions[key], res_naive.predictions[key])
-    assert res_fast.per_scan == res_naive.per_scan
-    assert res_fast.metrics["mean_dice"] == res_naive.metrics["mean_dice"]
+    ties = sum(_assert_same_masks(m, lg) for m, lg in zip(fast_masks, naive_logits, strict=True))
+    assert sum(int((res_fast.predictions[k] != res_naive.predictions[k]).sum()) for k in res_naive.predictions) <= ties
+    tol = 1e-3 if ties else 0.0  # a tie moves one pixel between TP, FP and FN: Dice by ~1e-4 here; else exact
+    for scan, per_class in res_naive.per_scan.items():
+        for c, want in per_class.items():
+            got = res_fast.per_scan[scan][c]
+            assert got.keys() == want.keys() == {"tp", "fp", "fn", "dice", "precision", "recall"}
+            assert sum(abs(got[k] - want[k]) for k in ("tp", "fp", "fn")) <= ties, (scan, c)
+            for k in ("dice", "precision", "recall"):
+                assert got[k] == pytest.approx(want[k], abs=tol), (scan, c, k)
+    assert res_fast.metrics["mean_dice"] == pytest.approx(res_naive.metrics["mean_dice"], abs=tol)
     dice = [d["dice"] for scan in res_fast.per_scan.values() for d in scan.values()]
     assert len(dice) == 4 and any(d > 0 for d in dice)
     # naive: (support + query) per scored slice; fast: each distinct slice once (query slices shared by classes)

@@ -1,5 +1,5 @@
 """Evaluation on the image's own grid: slices whose size is not ``input_size`` are resized for the encoder only
-(util/inference.py), and every metric and written prediction is on the grid of ``image_<id>.nii.gz``."""
+(evaluation/predictors.py), and every metric and written prediction is on the grid of ``image_<id>.nii.gz``."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from dataloaders import niftiio
+from evaluation.predictors import FastPredictor
 from models.grid_proto_fewshot import FewShotSeg
 from tests.reliability_fixtures import TINY32, cli
-from util.inference import FastPredictor
 
 SHORT32 = [*TINY32, "n_steps=2", "lr_milestones=[1]", "save_snapshot_every=2"]  # 64x64 slices, input_size 32
 

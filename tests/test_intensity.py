@@ -54,7 +54,8 @@ def test_rescale_errors() -> None:
 
 
 def test_chaos_grey_map_is_fixed_not_by_rank() -> None:
-    # Only liver and spleen present: ranks would give 1 and 2; the fixed map gives 1 and 4 (Q24).
+    # Only liver and spleen present: ranks would give 1 and 2; the fixed map gives 1 and 4
+    # (docs/method.md#q24-chaos-grey-values).
     grey = np.array([[0, 63], [252, 63]], dtype=np.uint8)
     out = map_label_values(grey, GREY_TO_LABEL)
     assert out.dtype == np.uint8 and out.tolist() == [[0, 1], [4, 1]]

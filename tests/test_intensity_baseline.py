@@ -1,4 +1,4 @@
-"""Tests for models/intensity_baseline.py and the util/baseline.py CLI."""
+"""Tests for models/intensity_baseline.py and the evaluation/baseline.py CLI."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from data_preprocessing.phantom import generate_phantom, synthesize_scan
+from evaluation import baseline as baseline_cli
+from evaluation.ep1_alp import evaluate_fold
 from models.intensity_baseline import IntensityBaseline
-from util import baseline as baseline_cli
-from util.protocol import evaluate_fold
 
 
 def _toy_scan(shift: int) -> tuple[np.ndarray, np.ndarray]:

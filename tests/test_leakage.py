@@ -19,7 +19,7 @@ from dataloaders.leakage import check_setting2_config
 from tests.reliability_fixtures import TINY, cli, copy_data, files_under
 from util.checkpoint import load_checkpoint
 from util.cli import EXIT_USER_ERROR
-from util.run_setup import ConfigError
+from util.errors import ConfigError
 
 SHORT = [*TINY, "n_steps=2", "lr_milestones=[1]", "save_snapshot_every=2"]  # fold 2: train scans 0, 1, 5
 TRAIN_SCANS = (0, 1, 5)

@@ -1,5 +1,6 @@
-"""Legacy sampling (``episode_sampling=legacy``, Q2): an empty-foreground episode gets a normal optimiser step, as in
-the original (all-zero FG prototype, S_fg = 0 everywhere, a small finite loss), instead of being skipped."""
+"""Legacy sampling (``episode_sampling=legacy``, docs/method.md#q2-superpixel-numbering): an empty-foreground episode
+gets a normal optimiser step, as in the original (all-zero FG prototype, S_fg = 0 everywhere, a small finite loss),
+instead of being skipped."""
 
 from __future__ import annotations
 
@@ -17,10 +18,10 @@ from data_preprocessing.pseudolabel import generate_pseudolabels
 from dataloaders.dataset_info import get_dataset_info
 from dataloaders.niftiio import list_scan_ids
 from dataloaders.superpixel_dataset import SuperpixelEpisodeDataset
+from engine.train_step import train_step
 from models.alpmodule import EmptyMaskError
 from models.grid_proto_fewshot import FewShotSeg
 from tests.reliability_fixtures import TINY32, cli, copy_data
-from training import train_step
 from util.checkpoint import load_checkpoint
 
 LR, MOMENTUM, WD = 0.01, 0.9, 5e-4

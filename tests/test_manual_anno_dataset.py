@@ -47,7 +47,7 @@ def test_mr_scans_per_volume_zscore_labels_geometry(data_dir: Path) -> None:
 
 
 def test_ct_uses_training_scan_statistics(data_dir: Path) -> None:
-    with pytest.raises(ValueError, match="Q16"):
+    with pytest.raises(ValueError, match="q16-ct-statistics"):
         load_annotated_scans(data_dir, CT_INFO, [0], progress=False)
     out = load_annotated_scans(data_dir, CT_INFO, [0, 1], train_scan_ids=[2, 3], progress=False)
     train = np.concatenate([_scan(s)[0].ravel().astype(np.float64) for s in (2, 3)])

@@ -1,4 +1,5 @@
-"""Tests for util/metric.py: hand-computed Dice/precision/recall, the NaN convention, 3D accumulation, aggregation."""
+"""Tests for evaluation/metric.py: hand-computed Dice/precision/recall, the NaN convention, 3D accumulation,
+aggregation."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from util.metric import Metric, dice, precision, recall
+from evaluation.metric import Metric, dice, precision, recall
 
 
 def test_formulas_hand_values() -> None:

@@ -13,8 +13,8 @@ import pytest
 import torch
 from torch import nn
 
+from engine.train_step import train_step
 from tests.reliability_fixtures import TINY32, cli, files_under
-from training import train_step
 from util.checkpoint import load_checkpoint
 from util.cli import EXIT_USER_ERROR
 

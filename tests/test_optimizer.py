@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from training import build_optimizer
-from util.run_setup import ConfigError
+from engine.builders import build_optimizer
+from util.errors import ConfigError
 
 OPTIM = {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.01}
 

@@ -19,11 +19,13 @@ import SimpleITK as sitk
 import torch
 
 import predict
+from evaluation.ep2 import SupportScan, margin_fn
+from evaluation.metric import hd95
+from evaluation.predictors import FastPredictor
 from models.grid_proto_fewshot import FewShotSeg
+from models.weights import load_model_weights
+from prediction import run
 from prediction.volume import VolumeSegmentation, combine_classes, segment_volume
-from util.inference import FastPredictor
-from util.metric import hd95
-from util.protocol import SupportScan, margin_fn
 
 SPACING = (1.25, 1.25, 7.7)
 SETTINGS = {"modality": "MR", "spacing": 1.25, "z_spacing": None, "size": 48, "window": None,
@@ -120,7 +122,7 @@ def test_class_values_by_hand() -> None:
     ref = np.zeros((4, 5, 6), np.uint8)
     seg[1:3, 1:4, 1:5] = 5  # 24 voxels on slices 1..2
     ref[1:3, 1:4, 1:3] = 5  # 12 voxels, all inside the prediction
-    v = predict.class_values(seg, ref, 5, (0.5, 1.0, 2.0))  # (x, y, z) mm: 1 mm^3 voxels
+    v = run.class_values(seg, ref, 5, (0.5, 1.0, 2.0))  # (x, y, z) mm: 1 mm^3 voxels
     assert v["volume_ml"] == pytest.approx(24 / 1000) and v["reference_volume_ml"] == pytest.approx(12 / 1000)
     assert v["n_slices"] == 2 and v["slices"] == [1, 2]
     assert v["dice"] == pytest.approx(2 * 12 / (24 + 12))
@@ -165,7 +167,7 @@ def test_known_prediction_gives_hand_values(case: dict[str, Path], tmp_path: Pat
         real = segment_volume(margin, supports, query_image, query_body, classes, n_part)
         return VolumeSegmentation(labels=np.where(lab == 5, 5, 0).astype(np.int32), classes=real.classes)
 
-    monkeypatch.setattr(predict, "segment_volume", perfect)
+    monkeypatch.setattr(run, "segment_volume", perfect)
     out = tmp_path / "out"
     assert predict.main(_args(case, out, ["qry"], ["qry"])) == 0
     entry = json.loads((out / "predictions.json").read_text())["queries"]["qry"]["classes"]["ORGAN"]
@@ -178,7 +180,7 @@ def test_known_prediction_gives_hand_values(case: dict[str, Path], tmp_path: Pat
 
 def test_k_shot_pools_both_supports(case: dict[str, Path], tmp_path: Path) -> None:
     model = FewShotSeg(backbone="lite_gn", init="none", proto_grid_size=2, feature_hw=(8, 8), val_wsize=2)
-    predict.load_model_weights(model, torch.load(case["ckpt"], weights_only=True)["model"], case["ckpt"])
+    load_model_weights(model, torch.load(case["ckpt"], weights_only=True)["model"], case["ckpt"])
     scans = []
     for name in ("sup", "sup2", "qry"):
         img, lab = _volumes({"sup": 0, "sup2": 1, "qry": 1}[name])

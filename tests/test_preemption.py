@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-import training
+import training  # noqa: F401 - registers the train command on the experiment
+from engine import train_loop
 from engine.preemption import PreemptionGuard
 from tests.reliability_fixtures import REPO, TINY32, cli
 from util.checkpoint import load_checkpoint
@@ -68,7 +69,7 @@ def test_sigterm_between_snapshots_then_resume_is_exact(tiny_phantom: Path, tmp_
 
 def test_sigusr1_snapshot_at_the_current_step(tiny_phantom: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                               capsys: pytest.CaptureFixture[str]) -> None:
-    real_step, calls = training.train_step, []
+    real_step, calls = train_loop.train_step, []
 
     def step_then_signal(*args, **kwargs):
         calls.append(1)
@@ -76,7 +77,7 @@ def test_sigusr1_snapshot_at_the_current_step(tiny_phantom: Path, tmp_path: Path
             os.kill(os.getpid(), signal.SIGUSR1)  # arrives during step 3
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(training, "train_step", step_then_signal)
+    monkeypatch.setattr(train_loop, "train_step", step_then_signal)
     run = tmp_path / "run"
     before = signal.getsignal(signal.SIGUSR1)
     code = cli("training.py", [*TINY32, "n_steps=8", "lr_milestones=[4]", "save_snapshot_every=5",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -13,13 +14,13 @@ import training  # noqa: F401  (registers the 'train' command)
 import validation  # noqa: F401  (registers the 'validate' command)
 from config_ssl_upload import ex
 from data_preprocessing.geometry import GridTransform, PrepareSettings, to_source_grid
-from data_preprocessing.prepare import labelled_folds, main, pair_labels, parse_classes
-from data_preprocessing.verify import RawDataError
+from data_preprocessing.prepare import labelled_folds, main, pair_labels
 from dataloaders import niftiio
 from dataloaders.dataset_info import get_dataset_info
 from tests.raw_fixtures import make_chaos_patient
 from util.checkpoint import load_checkpoint
-from util.run_setup import ConfigError
+from util.errors import ConfigError, RawDataError
+from util.options import parse_classes
 
 RAS = (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)
 RAW_IDS = {1: 50, 2: 60, 3: 70, 4: 80}  # phantom id -> id in the "user's" label files
@@ -55,7 +56,7 @@ def test_parse_classes() -> None:
     assert parse_classes("LIVER=5, SPLEEN=1") == {"LIVER": 5, "SPLEEN": 1}
     assert list(parse_classes("B=2,A=1")) == ["B", "A"]  # order kept: B -> 1, A -> 2
     for bad in ("LIVER", "LIVER=x", "1A=3", "BG=2", "A=1,A=2", "A=1,B=1", "A=0", ","):
-        with pytest.raises(ValueError, match="--classes"):
+        with pytest.raises(argparse.ArgumentTypeError, match="--classes"):
             parse_classes(bad)
 
 

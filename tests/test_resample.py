@@ -25,8 +25,9 @@ def _image(arr: np.ndarray, spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0),
 
 
 def test_legacy_size_rule() -> None:
-    # SABS: 448 px of 0.7 mm to 0.7 x 1.75 mm gives int(256 + 1) = 257 (Q1); CHAOS z: 8 slices of 6 mm to 7.7 mm
-    # gives int(7.23) = 7. The rule is sensitive to rounding: a typed 1.225 gives 255.99... + 1 -> 256.
+    # SABS: 448 px of 0.7 mm to 0.7 x 1.75 mm gives int(256 + 1) = 257 (docs/method.md#q1-sabs-257-grid); CHAOS z: 8
+    # slices of 6 mm to 7.7 mm gives int(7.23) = 7. The rule is sensitive to rounding: a typed 1.225 gives 255.99... + 1
+    # -> 256.
     assert legacy_output_size((448, 448, 3), (0.7, 0.7, 3.0), (0.7 * 1.75, 0.7 * 1.75, 3.0)) == (257, 257, 4)
     assert legacy_output_size((448,), (0.7,), (1.225,)) == (256,)
     assert legacy_output_size((64, 72, 8), (1.5, 1.7, 6.0), (1.25, 1.25, 7.7)) == (77, 98, 7)

@@ -70,7 +70,7 @@ def _worker_draws(seed: int) -> dict[int, list[float]]:
 def test_worker_init_fn_gives_distinct_reproducible_worker_streams() -> None:
     first, again, other = _worker_draws(11), _worker_draws(11), _worker_draws(12)
     assert first == again
-    assert first[0] != first[1]  # the two workers do not share NumPy's state (Q5)
+    assert first[0] != first[1]  # the two workers do not share NumPy's state (docs/method.md#q5-unseeded-numpy)
     assert first != other
 
 

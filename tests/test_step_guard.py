@@ -1,4 +1,4 @@
-"""The training step without per-step host reads (issue 12): same numbers as before, same NaN guard.
+"""The training step without per-step host reads: same numbers as before, same NaN guard.
 
 * A short real run gives the per-step losses the code gave before the change (values recorded from it).
 * The device-side guard (the GPU path, exercised here on CPU) is bit-identical to the host path, step by step,
@@ -20,14 +20,14 @@ import torch
 from torch import nn
 
 from engine.step_guard import StepGuard
+from engine.train_step import train_step
 from tests.reliability_fixtures import TINY, cli
 from tests.test_nan_guard import TinySegmenter, _batch
-from training import train_step
 
-# The same short runs with the step as it was before issue 12 (bench.loop.legacy_train_step: float(loss) every step,
-# per-tensor BatchNorm clones) and with training.train_step (terms read back every print_interval steps) must give the
-# same per-step losses. Until the augmentation change of issue 12 the values were also pinned to those recorded from
-# commit e5d09ab; the two steps now run side by side instead, in this process, on the same data.
+# The same short runs with the step as it was before the host-sync-free loop (bench.loop.legacy_train_step: float(loss)
+# every step, per-tensor BatchNorm clones) and with training.train_step (terms read back every print_interval steps)
+# must give the same per-step losses. Until the augmentation moved to one resampling the values were also pinned to
+# those recorded from commit e5d09ab; the two steps now run side by side instead, in this process, on the same data.
 PLAIN = ["n_steps=12", "lr_milestones=[6]", "save_snapshot_every=5", "print_interval=5"]
 # lr 1e8: steps 3-12 are non-finite and skipped (10 of 12), read back at steps 4, 5, 8, 10 and 12.
 DIVERGING = ["n_steps=12", "lr_milestones=[100]", "save_snapshot_every=4", "print_interval=5", "optim.lr=1e8",
@@ -56,14 +56,14 @@ def _assert_log_equal(got: dict[str, list[float]], want: dict[str, list[float]])
 def test_run_losses_equal_the_step_before_the_change(tiny_phantom: Path, tmp_path: Path,
                                                      caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
                                                      updates: list[str], skipped: int) -> None:
-    import training
+    from engine import train_loop
 
     caplog.set_level(logging.INFO)
     logs, texts = {}, {}
     for name in ("legacy", "now"):
         with monkeypatch.context() as patch:
             if name == "legacy":
-                patch.setattr(training, "train_step", _legacy_step)
+                patch.setattr(train_loop, "train_step", _legacy_step)
             caplog.clear()
             run_dir = tmp_path / name
             assert cli("training.py", [*TINY, f"data_dir={tiny_phantom}", f"run_dir={run_dir}", *updates]) == 0

@@ -1,5 +1,5 @@
-"""Tests for util/summarize.py and util/summary_figure.py: the fold table by hand, the figure file, and the
-published SSL-ALPNet values against SPEC 10.1."""
+"""Tests for evaluation/summarize.py and evaluation/summary_figure.py: the fold table by hand, the figure file, and the
+published SSL-ALPNet values against docs/method.md#published-numbers."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 
-from util import summarize
-from util.published import PUBLISHED_SSL_ALPNET, published
-from util.summary_figure import panel_data
+from evaluation import summarize
+from evaluation.published import PUBLISHED_SSL_ALPNET, published
+from evaluation.summary_figure import panel_data
 
 
 def _write(root: Path, name: str, dataset: str, setting: int, fold: int, dice: dict[str, float]) -> None:
@@ -25,7 +25,8 @@ def _write(root: Path, name: str, dataset: str, setting: int, fold: int, dice: d
 
 
 def test_published_values_equal_spec_10_1():
-    # SPEC 10.1, typed from the table: CT LK RK Spl Liver mean | MR LK RK Spl Liver mean; cardiac LV-BP LV-MYO RV
+    # docs/method.md#published-numbers, typed from the table: CT LK RK Spl Liver mean | MR LK RK Spl Liver mean;
+    # cardiac LV-BP LV-MYO RV
     spec = {1: ([72.36, 71.81, 70.96, 78.29, 73.35], [81.92, 85.18, 72.18, 76.10, 78.84]),
             2: ([63.34, 54.82, 60.25, 73.67, 63.02], [73.63, 78.39, 67.02, 73.05, 73.02])}
     for setting, (ct, mr) in spec.items():
@@ -33,7 +34,7 @@ def test_published_values_equal_spec_10_1():
         assert [published("CHAOST2", setting)[k] for k in ("LK", "RK", "SPLEEN", "LIVER", "mean")] == mr
     assert published("CMR", 1) == {"LV_BP": 83.99, "LV_MYO": 66.74, "RV": 79.96, "mean": 76.90}
     assert set(PUBLISHED_SSL_ALPNET) == {("SABS", 1), ("SABS", 2), ("CHAOST2", 1), ("CHAOST2", 2), ("CMR", 1)}
-    # each published mean is the organ mean to 0.01 (73.67 is the FoB value, SPEC 10.1)
+    # each published mean is the organ mean to 0.01 (73.67 is the FoB value, docs/method.md#published-numbers)
     for values in PUBLISHED_SSL_ALPNET.values():
         organs = [v for k, v in values.items() if k != "mean"]
         assert sum(organs) / len(organs) == pytest.approx(values["mean"], abs=0.01)

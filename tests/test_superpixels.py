@@ -1,4 +1,5 @@
-"""Tests of data_preprocessing.superpixels: body mask, Felzenszwalb wrapper, compact and legacy (Q2) numbering."""
+"""Tests of data_preprocessing.superpixels: body mask, Felzenszwalb wrapper, compact and legacy numbering
+(docs/method.md#q2-superpixel-numbering)."""
 
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def phantom_volume(rng: np.random.Generator, z: int = 3, size: int = 64) -> np.n
 
 
 def walk_legacy(segments: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Literal step-by-step walk of the original numbering, as described in the SPEC (reference for the LUT)."""
+    """Literal step-by-step walk of the original numbering, as described in docs/method.md (reference for the LUT)."""
     seg = segments.astype(np.int64).copy()
     ids = list(np.unique(seg))
     top = max(ids)

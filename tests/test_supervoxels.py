@@ -10,10 +10,11 @@ import SimpleITK as sitk
 
 from data_preprocessing.pseudolabel import generate_supervoxels, main
 from data_preprocessing.superpixels import body_mask
-from data_preprocessing.supervoxels import n_segments_for, supervoxel_slices, supervoxel_volume
+from data_preprocessing.supervoxels import n_segments_for, supervoxel_volume
 from dataloaders.dataset_info import DatasetDescriptionError, get_dataset_info, parse_description
 from dataloaders.derived import image_fingerprint, read_source_fingerprint
 from dataloaders.niftiio import Geometry, fgmask_path, image_path, read_volume, supervox_path, write_volume
+from dataloaders.slice_counts import slice_counts
 from tests.reliability_fixtures import copy_data
 
 MR = 50.0001  # MR body threshold
@@ -63,11 +64,6 @@ def test_empty_body_and_bad_arguments() -> None:
     assert n_segments_for(10_000, 5000) == 2 and n_segments_for(2_400, 5000) == 1 and n_segments_for(0, 10) == 1
 
 
-def test_supervoxel_slices_counts_by_hand() -> None:
-    vol = np.array([[[0, 1], [1, 2]], [[2, 2], [0, 0]]])  # (2, 2, 2)
-    assert supervoxel_slices(vol).tolist() == [[1, 2, 1], [2, 0, 2]]
-
-
 def test_cli_writes_supervox_files_on_the_image_grid(tmp_path: Path) -> None:
     geom = Geometry((1.0, 1.0, 4.0), (-11.5, 3.0, 40.0), (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
     write_volume(_box(), image_path(tmp_path, 0), geometry=geom)
@@ -103,7 +99,7 @@ def test_phantom_supervoxels_inside_body_compact_and_sized(tiny_phantom: Path, t
         assert 0.5 * requested <= k <= 1.5 * requested, (k, requested)
         sizes = np.bincount(ids[ids > 0])[1:]
         assert 0.5 * n_sv <= np.median(sizes) <= 2 * n_sv
-        spans = (supervoxel_slices(ids)[:, 1:] > 0).sum(axis=0)
+        spans = (slice_counts(ids)[:, 1:] > 0).sum(axis=0)
         assert np.median(spans) >= 2  # supervoxels cross slices: 3D episodes have neighbours to pair
 
 

@@ -1,4 +1,4 @@
-"""``python -m util.sweep``: the run plan, two tiny runs in parallel on ``cpu,cpu``, skipping finished runs, resuming
+"""``python -m launch.sweep``: the run plan, two tiny runs in parallel on ``cpu,cpu``, skipping finished runs, resuming
 an interrupted one through the SLURM path (submitit's LocalExecutor: real job processes on this machine)."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import pytest
 import submitit
 
 from launch import runs as plan
+from launch import sweep
 from launch.slurm import SweepJob, parse_time
 from tests.reliability_fixtures import TINY32
-from util import sweep
 
 TINY_RUN = [*TINY32, "n_steps=4", "lr_milestones=[2]", "save_snapshot_every=2"]
 

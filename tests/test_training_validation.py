@@ -37,7 +37,7 @@ def test_train_then_validate_twice_in_one_process(tiny_phantom: Path, tmp_path: 
         run_dir = tmp_path / f"run{attempt}"
         common = {**TINY, "data_dir": str(tiny_phantom), "run_dir": str(run_dir), "path": {"log_dir": str(log_dir)}}
         train_run = _run("train", common, observed=True)
-        assert len(ex.observers) == 1  # replaced, not appended (Q11)
+        assert len(ex.observers) == 1  # replaced, not appended (docs/method.md#q11-duplicate-observers)
         assert train_run.result["steps"] == 4
         snaps = sorted(p.name for p in (run_dir / "snapshots").glob("*.pth"))
         assert snaps == ["2.pth", "4.pth"]
@@ -60,7 +60,7 @@ def test_train_then_validate_twice_in_one_process(tiny_phantom: Path, tmp_path: 
         assert res["query_scans"] == [2, 3] and res["support_scans"] == [4]
         assert 0.0 <= res["mean_dice"] <= 1.0 and val_run.result["mean_dice"] == res["mean_dice"]
         per_scan = [res["per_scan"][s][c]["dice"] for s in ("2", "3") for c in ("1", "2", "3", "4")]
-        # meanDice = mean over scans of each scan's class mean (SPEC 8.7)
+        # meanDice = mean over scans of each scan's class mean (docs/method.md#metrics)
         assert res["mean_dice"] == pytest.approx(np.mean(per_scan))
         pred, geom = niftiio.read_volume(run_dir / "interm_preds" / "scan_3_label_4.nii.gz")
         img, img_geom = niftiio.read_volume(niftiio.image_path(tiny_phantom, 3))
@@ -83,7 +83,7 @@ def test_misspelt_key_and_unknown_dataset_fail_at_config_time(tiny_phantom: Path
 
 
 def test_validation_refuses_other_architecture(tiny_phantom: Path, tmp_path: Path) -> None:
-    from util.run_setup import ConfigError
+    from util.errors import ConfigError
 
     run_dir = tmp_path / "run"
     common = {**TINY, "data_dir": str(tiny_phantom), "run_dir": str(run_dir), "n_steps": 2}

@@ -14,11 +14,11 @@ import validation  # noqa: F401  (registers the 'validate' command)
 from config_ssl_upload import ex
 from dataloaders.dataset_info import Fold
 from dataloaders.normalization import Normalizer
-from engine.tensorboard_log import multistep_lr
+from engine.builders import build_model
 from engine.val_monitor import ValMonitor, split_off_val_scans
 from models.weights import load_original_checkpoint
 from util.checkpoint import load_checkpoint
-from util.run_setup import ConfigError, build_model
+from util.errors import ConfigError
 
 TINY = {
     "modelname": "lite_gn", "lr_schedule": "step", "lr_step_gamma": 0.1,
@@ -36,15 +36,6 @@ def test_split_off_val_scans_and_its_errors():
                      ([0, 1, 5], "none is left"), ([5, 5], "distinct"), (["5"], "integer")):
         with pytest.raises(ConfigError, match=msg):
             split_off_val_scans(fold, bad)
-
-
-def test_multistep_lr_matches_torch_scheduler():
-    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[3, 5], gamma=0.5)
-    for step in range(1, 9):  # the lr optimiser step `step` runs with
-        assert multistep_lr(0.1, [5, 3], 0.5, step) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-12)
-        opt.step()
-        sched.step()
 
 
 def test_training_with_val_scans_and_tensorboard(tiny_phantom: Path, tmp_path: Path):

@@ -13,7 +13,7 @@ import validation  # noqa: F401  (registers the 'validate' command)
 from config_ssl_upload import ex
 from dataloaders import niftiio
 from models.grid_proto_fewshot import FewShotSeg
-from util.run_setup import ConfigError
+from util.errors import ConfigError
 
 TINY = {
     "modelname": "lite_gn", "lr_schedule": "step",

@@ -11,7 +11,8 @@ import SimpleITK as sitk
 
 from data_preprocessing import verify
 from data_preprocessing.class_slice_index import write_classmap
-from data_preprocessing.verify import RawDataError, check_pair_grid, verify_dataset
+from data_preprocessing.scan_reader import check_same_grid
+from data_preprocessing.verify import verify_dataset
 from dataloaders.dataset_info import get_dataset_info
 from dataloaders.niftiio import (
     Geometry,
@@ -22,6 +23,7 @@ from dataloaders.niftiio import (
     superpix_path,
     write_volume,
 )
+from util.errors import RawDataError
 
 GEOM = Geometry((1.25, 1.25, 7.7), (-100.0, -90.0, 5.0), (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0))
 INFO = get_dataset_info("CHAOST2")
@@ -107,14 +109,14 @@ def test_check_pair_grid(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     img.SetSpacing((0.7, 0.7, 3.0))
     lbl = sitk.GetImageFromArray(np.ones((2, 4, 5), np.uint8))
     lbl.SetSpacing((0.7001, 0.7, 3.0))  # header rounding: accepted, image geometry used, reported
-    out = check_pair_grid(img, lbl, tmp_path / "img.nii.gz", tmp_path / "lbl.nii.gz")
+    out = check_same_grid(img, lbl, tmp_path / "img.nii.gz", tmp_path / "lbl.nii.gz")
     assert out.GetSpacing() == img.GetSpacing() and sitk.GetArrayFromImage(out).sum() == 40
     assert "header differs slightly" in capsys.readouterr().out
     lbl.SetOrigin((0.0, 0.0, 6.0))
-    with pytest.raises(RawDataError, match=r"lbl\.nii\.gz: its geometry differs from its image img\.nii\.gz"):
-        check_pair_grid(img, lbl, tmp_path / "img.nii.gz", tmp_path / "lbl.nii.gz")
-    with pytest.raises(RawDataError, match=r"lbl\.nii\.gz: size \(5, 4, 1\) differs"):
-        check_pair_grid(img, lbl[:, :, :1], tmp_path / "img.nii.gz", tmp_path / "lbl.nii.gz")
+    with pytest.raises(RawDataError, match=r"lbl\.nii\.gz: not on the grid of its image .*img\.nii\.gz: "):
+        check_same_grid(img, lbl, tmp_path / "img.nii.gz", tmp_path / "lbl.nii.gz")
+    with pytest.raises(RawDataError, match=r"lbl\.nii\.gz: not on the grid of its image .*: size \(5, 4, 1\) differs"):
+        check_same_grid(img, lbl[:, :, :1], tmp_path / "img.nii.gz", tmp_path / "lbl.nii.gz")
 
 
 def test_show_scan_draws_image_labels_and_superpixels(folder: Path) -> None:

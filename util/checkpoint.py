@@ -3,68 +3,75 @@
 A checkpoint is a dict ``{"model", "optimizer", "scheduler", "step", "config", "rng", "normalizer", "fold"}``;
 ``model`` alone is a plain state dict with the original's key names (``encoder.backbone.*``,
 ``encoder.localconv.weight``), so ``torch.load(path)["model"]`` loads into the original code too, and a plain
-state dict written by the original is accepted wherever a checkpoint is (SPEC 6.1).
+state dict written by the original is accepted wherever a checkpoint is (docs/method.md#checkpoint-layout).
 Snapshots are ``<run_dir>/snapshots/<step>.pth`` with step = number of optimiser steps done (the original's
 25000, 50000, ...).
 """
 
 from __future__ import annotations
 
-import os
 import pickle
 import re
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from models.weights import (
-    ASPP_PREFIX,
-    StateDictMismatchError,
-    check_state_dict_fits,
-    load_original_checkpoint,
-    strip_wrapper_prefixes,
-)
+from util.atomic import atomic_file
+from util.errors import ProjectError
 
 SNAPSHOT_PATTERN = re.compile(r"^(\d+)\.pth$")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ProjectError, ValueError):
     """A checkpoint is missing, corrupt or does not fit the model; the message names the file."""
 
 
-def save_checkpoint(obj: dict[str, Any], path: str | Path) -> Path:
-    """Write ``obj`` with ``torch.save`` to a temporary name in the same folder, fsync, then rename.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DataParallel / DistributedDataParallel, torch.compile(model)
 
-    A crash (even SIGKILL) during the write leaves the previous file, never a truncated one; the folder is synced
-    after the rename, so the new name also survives a power cut.
+
+def strip_wrapper_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Remove the key prefixes that model wrappers add to every key, in any nesting.
+
+    ``nn.DataParallel`` and ``DistributedDataParallel`` save ``module.<key>``, ``torch.compile(model)`` saves
+    ``_orig_mod.<key>`` (and DDP around a compiled model ``module._orig_mod.<key>``). A prefix is removed only when
+    every key carries it, so a model whose own submodule is called ``module`` is left alone.
+
+    Args:
+        state: flat state dict.
+
+    Returns:
+        A new dict with the wrapper prefixes removed.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    try:
-        with open(tmp, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        folder = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(folder)
-        finally:
-            os.close(folder)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    out = dict(state)
+    changed = True
+    while changed and out:
+        changed = False
+        for prefix in WRAPPER_PREFIXES:
+            if all(k.startswith(prefix) for k in out):
+                out = {k[len(prefix):]: v for k, v in out.items()}
+                changed = True
+    return out
+
+
+def save_checkpoint(obj: dict[str, Any], path: str | Path) -> Path:
+    """Write ``obj`` with ``torch.save`` atomically and durably (:func:`util.atomic.atomic_file`).
+
+    A crash (even SIGKILL) during the write leaves the previous file, never a truncated one; file and folder are
+    synced, so the new name also survives a power cut.
+    """
+    with atomic_file(path, durable=True) as tmp:
+        torch.save(obj, tmp)
+    return Path(path)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint (or a plain state dict, returned as ``{"model": sd}``).
 
     Model keys saved through a wrapper (``module.`` from DataParallel/DDP, ``_orig_mod.`` from ``torch.compile``)
-    are returned without the prefix (:func:`models.weights.strip_wrapper_prefixes`).
+    are returned without the prefix (:func:`strip_wrapper_prefixes`).
 
     Raises:
         CheckpointError: file missing, unreadable or not a checkpoint.
@@ -88,33 +95,6 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if isinstance(obj["model"], dict):  # saved from a DataParallel / DDP / torch.compile wrapper: the same model
         obj["model"] = strip_wrapper_prefixes(obj["model"])
     return obj
-
-
-def state_dict_mismatch(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> str | None:
-    """Why ``state`` does not fit ``model`` (first missing, unexpected and mis-shaped keys), or ``None`` if it fits.
-
-    The original's unused ``encoder.aspp*`` keys are ignored unless the model builds them (Q7).
-    """
-    expected = model.state_dict()
-    if not any(k.startswith(ASPP_PREFIX) for k in expected):
-        state = {k: v for k, v in state.items() if not k.startswith(ASPP_PREFIX)}
-    try:
-        check_state_dict_fits(expected, state, str(path))
-    except StateDictMismatchError as err:
-        return str(err)
-    return None
-
-
-def load_model_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
-    """Load a checkpoint's ``model`` state dict into ``model``, strictly.
-
-    Raises:
-        StateDictMismatchError: another architecture; the message names ``path`` and the first offending keys.
-    """
-    message = state_dict_mismatch(model, state, path)
-    if message is not None:
-        raise StateDictMismatchError(message)
-    load_original_checkpoint(model, state)
 
 
 def plain_config(obj: Any) -> Any:

@@ -3,8 +3,9 @@
 ``python training.py with ...`` and ``python validation.py with ...`` end in :func:`run_cli`. Exit codes:
 
 - 0: the run completed;
-- 1: a bug or an unexpected failure: Sacred prints the (filtered) traceback, nothing is hidden (Q4);
-- 2: bad input (a project error below, or a Sacred config error such as a misspelt key): one line
+- 1: a bug or an unexpected failure: Sacred prints the (filtered) traceback, nothing is hidden
+  (docs/method.md#q4-faulty-batch-skip);
+- 2: bad input (a :class:`util.errors.ProjectError`, or a Sacred config error such as a misspelt key): one line
   ``error: <message>`` naming the file, key or scan; the observer's ``run.json`` still records the failure with the
   full traceback;
 - 130 / 143 / 138: interrupted by Ctrl-C (SIGINT) / SIGTERM / SIGUSR1 (a cluster pre-empting the job): the observer
@@ -27,19 +28,8 @@ from typing import Any
 from sacred import Experiment
 from sacred.utils import SacredError, format_sacred_error
 
-from data_preprocessing.verify import RawDataError
-from dataloaders.dataset_info import DatasetDescriptionError
-from dataloaders.niftiio import DataFormatError
-from engine.preemption import Preempted
-from models.weights import PretrainedWeightsUnavailable, StateDictMismatchError
-from util.checkpoint import CheckpointError
-from util.run_setup import ConfigError
+from util.errors import ProjectError, RunInterrupted
 
-# Errors that mean "your input is wrong" (data, config, checkpoint, environment), never "the code is wrong".
-PROJECT_ERRORS: tuple[type[BaseException], ...] = (
-    DataFormatError, DatasetDescriptionError, ConfigError, CheckpointError, StateDictMismatchError,
-    PretrainedWeightsUnavailable, RawDataError,
-)
 EXIT_OK, EXIT_FAILURE, EXIT_USER_ERROR = 0, 1, 2
 EXIT_SIGINT, EXIT_SIGTERM, EXIT_SIGUSR1 = 128 + signal.SIGINT, 128 + signal.SIGTERM, 128 + signal.SIGUSR1
 
@@ -64,8 +54,7 @@ def error_line(err: BaseException) -> str:
     return f"error: {text}"
 
 
-def run_cli(ex: Experiment, argv: Sequence[str] | None = None,
-            extra_errors: tuple[type[BaseException], ...] = ()) -> int:
+def run_cli(ex: Experiment, argv: Sequence[str] | None = None) -> int:
     """Run ``ex``'s command line and return the process exit code (see the module docstring).
 
     Sacred's ``run_commandline`` prints a traceback for every exception and exits with 1; here the call to
@@ -76,12 +65,10 @@ def run_cli(ex: Experiment, argv: Sequence[str] | None = None,
     Args:
         ex: the experiment (``config_ssl_upload.ex``).
         argv: the command line, ``sys.argv`` style (default: ``sys.argv``).
-        extra_errors: more exception types to treat as project errors (e.g. training's ``NonFiniteLossError``).
 
     Returns:
         The exit code; the caller passes it to ``sys.exit``.
     """
-    errors = PROJECT_ERRORS + tuple(extra_errors)
     original_run = ex.run
     short_usage = ex.get_usage()[0]
 
@@ -91,7 +78,7 @@ def run_cli(ex: Experiment, argv: Sequence[str] | None = None,
             return original_run(*args, **kwargs)
         try:
             return original_run(*args, **kwargs)
-        except errors as err:
+        except ProjectError as err:
             print(error_line(err), file=sys.stderr, flush=True)
             raise SystemExit(EXIT_USER_ERROR) from err
         except SacredError as err:  # misspelt or missing config keys: Sacred's own message, no traceback
@@ -107,7 +94,7 @@ def run_cli(ex: Experiment, argv: Sequence[str] | None = None,
     except SystemExit as stop:
         code = stop.code
         return EXIT_OK if code is None else code if isinstance(code, int) else EXIT_FAILURE
-    except Preempted as stop:  # the training loop wrote a snapshot at the current step
+    except RunInterrupted as stop:  # e.g. the training loop wrote a snapshot at the current step (engine.preemption)
         print(str(stop), file=sys.stderr, flush=True)
         return stop.exit_code
     except KeyboardInterrupt as stop:

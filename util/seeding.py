@@ -1,4 +1,4 @@
-"""Seeding, RNG state capture for checkpoints, and deterministic mode (Q5, SPEC 12.2).
+"""Seeding, RNG state capture for checkpoints, and deterministic mode (docs/method.md#q5-unseeded-numpy).
 
 The episode dataset needs none of the global state here (each episode has its own ``np.random.Generator``);
 these helpers cover everything else: model init, dropout, third-party code using global NumPy/Python RNGs.
@@ -33,7 +33,8 @@ def worker_init_fn(worker_id: int) -> None:
     """DataLoader ``worker_init_fn``: seed Python and NumPy's global RNG of the worker from its torch seed.
 
     ``torch.initial_seed()`` inside a worker is the loader's base seed + ``worker_id``, so workers differ from each
-    other and from run to run only if the run seed does (Q5: on old torch every worker had the same NumPy state).
+    other and from run to run only if the run seed does (on old torch every worker had the same NumPy state:
+    docs/method.md#q5-unseeded-numpy).
     """
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
@@ -86,7 +87,8 @@ def set_deterministic(flag: bool) -> None:
 
     On: ``torch.use_deterministic_algorithms(True)`` (non-deterministic ops raise), cuDNN deterministic and not
     benchmarking, and ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` unless already set (it must be set before the first
-    cuBLAS call, so call this early). Off: the original's speed setting, ``cudnn.benchmark = True`` (Q5).
+    cuBLAS call, so call this early). Off: the original's speed setting, ``cudnn.benchmark = True``
+    (docs/method.md#q5-unseeded-numpy).
     """
     if flag:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")

@@ -1,10 +1,10 @@
-"""Gather the results.json files of many runs into the paper's table (SPEC 10.1): Dice per organ, averaged over
-folds, with the standard deviation over folds, per dataset and setting.
+"""Gather the results.json files of many runs into the paper's table (docs/method.md#published-numbers): Dice per organ,
+averaged over folds, with the standard deviation over folds, per dataset and setting.
 
-    python -m util.summarize runs/ [--out runs/summary] [--baseline]
+    python -m evaluation.summarize runs/ [--out runs/summary] [--baseline]
 
 Writes ``<out>.md``, ``<out>.json`` and one figure per dataset, ``<out>_<dataset>.png`` (per-organ Dice over folds
-with the published SSL-ALPNet values marked, :mod:`util.summary_figure`). Label groups of one fold are merged
+with the published SSL-ALPNet values marked, :mod:`evaluation.summary_figure`). Label groups of one fold are merged
 (group 0 gives the kidneys, group 1 liver and spleen); an organ found twice for the same fold/setting (e.g. an
 evaluation run twice) is an error.
 """
@@ -20,11 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from dataloaders.niftiio import write_json
+from evaluation.summary_figure import write_figures
+from util.errors import ProjectError
 from util.options import OptionParser, existing_dir
-from util.summary_figure import write_figures
 
 
-class SummaryError(ValueError):
+class SummaryError(ProjectError, ValueError):
     """Inconsistent or missing result files."""
 
 
@@ -106,7 +107,7 @@ def to_markdown(summary: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = OptionParser(prog="python -m util.summarize", description=__doc__,
+    parser = OptionParser(prog="python -m evaluation.summarize", description=__doc__,
                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", type=existing_dir, help="folder searched recursively for results.json")
     parser.add_argument("--out", type=Path, default=None, help="output prefix (default <runs>/summary)")

@@ -1,16 +1,17 @@
 """The paper's runs in parallel: train, then test, every (setting, label group, fold) of a dataset; then the table.
 
-    python -m util.sweep --dataset CHAOST2 --settings 1 2 --folds 0-4 --devices 0,1,2,3
-    python -m util.sweep --dataset PHANTOM --settings 1 --folds 0 1 --label-sets 0 --devices cpu,cpu with demo
-    python -m util.sweep --dataset SABS --settings 1 2 --folds 0-4 --slurm --partition gpu --time 24:00:00
+    python -m launch.sweep --dataset CHAOST2 --settings 1 2 --folds 0-4 --devices 0,1,2,3
+    python -m launch.sweep --dataset PHANTOM --settings 1 --folds 0 1 --label-sets 0 --devices cpu,cpu with demo
+    python -m launch.sweep --dataset SABS --settings 1 2 --folds 0-4 --slurm --partition gpu --time 24:00:00
 
-A *run* is one training and the tests of its model (SPEC 9-10, as in ``examples/test_ssl_*.sh``): setting 1 trains
-one model per fold (``label_sets=0``) that is tested on every label group of ``--label-sets``; setting 2 trains one
-model per label group and fold (the group's organs excluded) and tests it on that group. Folders::
+A *run* is one training and the tests of its model (docs/method.md#settings-and-label-groups, as in
+``examples/test_ssl_*.sh``): setting 1 trains one model per fold (``label_sets=0``) that is tested on every label group
+of ``--label-sets``; setting 2 trains one model per label group and fold (the group's organs excluded) and tests it on
+that group. Folders::
 
     <out>/<DATASET>/setting<s>/sets_<g>/fold<k>/           training run_dir: snapshots/, train_log.json, train.log
     <out>/<DATASET>/setting<s>/sets_<g>/fold<k>/eval_sets_<t>/   test of label group t: results.json, test.log
-    <out>/summary.md, summary.json                          python -m util.summarize <out>
+    <out>/summary.md, summary.json                          python -m evaluation.summarize <out>
 
 Runs whose tests all wrote ``results.json`` are skipped; the others train with ``resume=True`` (an interrupted
 run continues from its latest snapshot, a finished training is not repeated) and are tested from their latest
@@ -39,7 +40,7 @@ from launch.slurm import run_slurm, slurm_executor
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m util.sweep", description=__doc__.split("\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m launch.sweep", description=__doc__.split("\n")[0],
                                      epilog="Everything after 'with' goes to every training and test run.")
     parser.add_argument("--dataset", required=True, help="CHAOST2, SABS, CMR, PHANTOM")
     parser.add_argument("--settings", type=int, nargs="+", choices=(1, 2), default=[1, 2])
@@ -59,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None, executor: Any = None) -> int:
     """The command line; ``executor`` replaces the SLURM executor with ``--slurm`` (tests: submitit's local one)."""
     from dataloaders.dataset_info import DatasetDescriptionError, get_dataset_info
-    from util import summarize
+    from evaluation import summarize
 
     args_in = list(sys.argv[1:] if argv is None else argv)
     extra = args_in[args_in.index("with") + 1:] if "with" in args_in else []

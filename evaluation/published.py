@@ -1,8 +1,9 @@
-"""Published SSL-ALPNet Dice (%), SPEC 10.1 (ECCV'20 Table 1, identical in TMI'22), keyed by this project's names.
+"""Published SSL-ALPNet Dice (%) (ECCV'20 Table 1, identical in TMI'22), keyed by this project's names.
 
 Keys are ``(dataset registry name, setting)``; organ names are the class names of ``dataloaders/datasets/*.json5``
 (SABS ``KID_l``/``KID_R``, CHAOST2 ``LK``/``RK``, CMR ``LV_BP``/``LV_MYO``/``RV``). Values are 5-fold means, 1-way
-"1-shot" (3 support slices), EP1-ALP. SPEC 10.1 marks most per-organ values as unverified against the paper PDF
+"1-shot" (3 support slices), EP1-ALP (docs/method.md#published-numbers). Most per-organ values are unverified
+against the paper PDF
 ([S]: from peer READMEs, consistent with the published means); the CT liver in setting 2 is 73.67 (FoB README).
 """
 

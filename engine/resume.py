@@ -1,8 +1,8 @@
 """Crash-safe training runs: claim the run folder, pick the checkpoint to resume, check it, restore every state.
 
-A resumed run is the run it continues: model, optimizer (momentum), scheduler, AMP scaler, RNG states, the step
-counter and the loss history come from the checkpoint, and the episodes are a pure function of (seed, step), so
-steps after the resume are the steps the run would have taken (SPEC 12.2). Config keys that change the trajectory
+A resumed run is the run it continues: model, optimizer (momentum), scheduler, AMP scaler, RNG states, the step counter
+and the loss history come from the checkpoint, and the episodes are a pure function of (seed, step), so steps after the
+resume are the steps the run would have taken (docs/method.md#q5-unseeded-numpy). Config keys that change the trajectory
 must therefore be equal; changing them is a new run (use ``reload_model_path`` for a warm start instead).
 """
 
@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from util.checkpoint import latest_snapshot, plain_config
-from util.run_setup import ConfigError
+from util.errors import ConfigError
 
 # Keys whose change makes a resumed run a different run (data order, model, loss, optimiser).
 RESUME_MUST_MATCH = (

@@ -1,8 +1,8 @@
-"""Figure of a :func:`util.summarize.summarize` table: per-organ Dice over folds, one PNG per dataset.
+"""Figure of a :func:`evaluation.summarize.summarize` table: per-organ Dice over folds, one PNG per dataset.
 
 Each setting of the dataset is one panel: a box plot and the individual fold values (a strip plot, jittered
-horizontally) per organ, in %, with the published SSL-ALPNet value of that organ (SPEC 10.1,
-:mod:`util.published`) drawn as a red bar. Matplotlib with the Agg backend (no display needed).
+horizontally) per organ, in %, with the published SSL-ALPNet value of that organ (docs/method.md#published-numbers,
+:mod:`evaluation.published`) drawn as a red bar. Matplotlib with the Agg backend (no display needed).
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from util.published import published
+from evaluation.published import published
+from util.atomic import atomic_file
 
 
 def dataset_blocks(summary: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
@@ -43,7 +44,7 @@ def write_figures(summary: dict[str, Any], prefix: Path, seed: int = 0) -> list[
     """Write ``<prefix>_<dataset>.png`` for every dataset of ``summary``.
 
     Args:
-        summary: output of :func:`util.summarize.summarize` (Dice as fractions in [0, 1]).
+        summary: output of :func:`evaluation.summarize.summarize` (Dice as fractions in [0, 1]).
         prefix: output path prefix, e.g. ``runs/summary``.
         seed: seed of the horizontal jitter of the fold points.
 
@@ -78,10 +79,8 @@ def write_figures(summary: dict[str, Any], prefix: Path, seed: int = 0) -> list[
             ax.legend(loc="lower right", fontsize=8)
         fig.tight_layout()
         path = Path(f"{prefix}_{dataset}.png")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".tmp-{path.name}")
-        fig.savefig(tmp, dpi=120, format="png")
+        with atomic_file(path) as tmp:  # a crash leaves no half-written figure
+            fig.savefig(tmp, dpi=120, format="png")
         plt.close(fig)
-        tmp.replace(path)  # atomic: a crash leaves no half-written figure
         paths.append(path)
     return paths

@@ -1,4 +1,4 @@
-"""Test-time predictors for :func:`util.protocol.evaluate_fold`: the fast path and the original's naive path.
+"""Test-time predictors for :func:`evaluation.ep1_alp.evaluate_fold`: the fast path and the original's naive path.
 
 Both have the protocol's ``predict`` signature::
 

@@ -1,6 +1,6 @@
 """`make demo`: the whole pipeline on the embedded phantom, on CPU, in minutes.
 
-    python -m util.demo --out runs/demo [--data-dir data/PHANTOM/phantom_normalized] [--steps N] [--skip-training]
+    python -m launch.demo --out runs/demo [--data-dir data/PHANTOM/phantom_normalized] [--steps N] [--skip-training]
 
 1. generate the phantom (10 scans, 256x256, seed 0) unless the folder already holds the same phantom;
 2. build the class-slice index and the superpixel pseudolabels;
@@ -178,7 +178,7 @@ def plot_curve(run_dir: Path) -> Path | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = OptionParser(prog="python -m util.demo", description=__doc__,
+    parser = OptionParser(prog="python -m launch.demo", description=__doc__,
                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/demo"))
     parser.add_argument("--data-dir", type=Path, default=get_dataset_info("PHANTOM").data_dir)

@@ -2,11 +2,12 @@
 
 Usage::
 
-    python -m util.baseline --data-dir data/PHANTOM/phantom_normalized --dataset PHANTOM --fold 0 \
+    python -m evaluation.baseline --data-dir data/PHANTOM/phantom_normalized --dataset PHANTOM --fold 0 \
         [--n-part 3] [--norm auto|zscore|raw] [--json runs/baseline_fold0.json]
 
-Images are normalised as the model sees them (SPEC 3.5): ``auto`` = per-volume z-score for MR, one z-score with
-the mean and std of the fold's training scans for CT (equivalent to raw for a threshold fitted on the support).
+Images are normalised as the model sees them (docs/method.md#load-time-normalisation): ``auto`` = per-volume z-score for
+MR, one z-score with the mean and std of the fold's training scans for CT (equivalent to raw for a threshold fitted on
+the support).
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ import numpy as np
 
 from dataloaders.dataset_info import DatasetDescriptionError, DatasetInfo, get_dataset_info
 from dataloaders.niftiio import image_path, list_scan_ids, load_scan, read_volume, write_json
+from evaluation.ep1_alp import FoldResult, evaluate_fold
+from evaluation.tables import dice_table
 from models.intensity_baseline import IntensityBaseline
 from util.options import OptionParser, existing_dir, float_between, int_at_least
-from util.protocol import FoldResult, evaluate_fold
 
 Norm = Literal["auto", "zscore", "raw"]
 
@@ -40,7 +42,7 @@ def load_fold_volumes(info: DatasetInfo, data_dir: str | Path, fold: int, norm: 
     mode = ("zscore" if info.modality == "MR" else "global") if norm == "auto" else norm
     if mode == "zscore":
         images = {i: (v - v.mean()) / (v.std() + 1e-8) for i, v in images.items()}
-    elif mode == "global":  # CT: mean and std over all voxels of the fold's training scans (SPEC 3.5)
+    elif mode == "global":  # CT: mean and std over all voxels of the fold's training scans
         total = count = sq = 0.0
         for i in f.train:
             v, _ = read_volume(image_path(data_dir, i), np.float64)
@@ -59,21 +61,8 @@ def run_baseline(info: DatasetInfo, data_dir: str | Path, fold: int, n_part: int
                          n_part=n_part, class_names=info.class_names)
 
 
-def format_table(result: FoldResult) -> str:
-    """Per-class Dice (percent) and the mean, one line per class."""
-    d = result.to_json_dict()
-    lines = [f"{'class':<10} {'Dice %':>7} {'prec %':>7} {'rec %':>7}"]
-    for c in d["classes"]:
-        vals = [d[k][str(c)] for k in ("class_dice", "class_precision", "class_recall")]
-        lines.append(f"{d['class_names'][str(c)]:<10} " + " ".join(
-            f"{100 * v:7.1f}" if v is not None else f"{'nan':>7}" for v in vals))
-    md = d["mean_dice"]
-    lines.append(f"{'mean':<10} {100 * md:7.1f}" if md is not None else f"{'mean':<10} {'nan':>7}")
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> None:
-    ap = OptionParser(prog="python -m util.baseline",
+    ap = OptionParser(prog="python -m evaluation.baseline",
                       description="EP1-ALP evaluation of the learning-free intensity baseline")
     ap.add_argument("--dataset", required=True, help="registry name (e.g. PHANTOM) or a description file")
     ap.add_argument("--data-dir", type=existing_dir, default=None,
@@ -98,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
                           IntensityBaseline(args.low_pct, args.high_pct))
     print(f"intensity baseline, EP1-ALP, {info.name} fold {args.fold}, support {result.support_ids}, "
           f"queries {result.query_ids}, n_part {args.n_part}, norm {args.norm}")
-    print(format_table(result))
+    print(dice_table({"intensity baseline": result.to_json_dict()}, result.classes, info.class_names))
     if args.json:
         out = {"dataset": info.name, "fold": args.fold, "norm": args.norm, "model": "intensity_baseline",
                "low_pct": args.low_pct, "high_pct": args.high_pct, **result.to_json_dict()}

@@ -1,4 +1,5 @@
-"""The one metric API (STYLE 4.8): per-scan 3D Dice, precision and recall, aggregated per fold (SPEC 8.7).
+"""The one metric API (record, aggregate, reset; MONAI's life cycle): per-scan 3D Dice, precision and recall,
+aggregated per fold (docs/method.md#metrics).
 
 Life cycle: :meth:`Metric.record` once or several times per (scan, class) (e.g. once per chunk of slices; the
 counts add up), then :meth:`Metric.aggregate`, then :meth:`Metric.reset`.
