@@ -78,6 +78,10 @@ def cfg():
     multishot_proto = "per_shot"  # n_shots > 1: "per_shot" (original, docs/method.md#several-shots) | "pooled"
     task = {"n_ways": n_ways, "n_shots": n_shots, "n_queries": n_queries, "npart": n_sup_part}
     protocol = "ep1_alp"  # "ep1_alp" (GT z-range) | "ep2" (whole volume, no GT): docs/method.md#evaluation-protocols
+    # protocol=ep2 only: how the whole query volume is segmented (prediction.volume; docs/protocols.md): "registered"
+    # (registration places each support along the query), "atlas" (the supports' labels carried by registration, no
+    # network), "body" (the previous release's body-extent rule)
+    ep2_method = "registered"
     z_margin = 0
     val_wsize = 2  # ALP window at test time (feature pixels)
     eval_classes = None  # override the classes to evaluate, e.g. [1, 2, 3, 4]; default: the group's test classes
@@ -86,7 +90,7 @@ def cfg():
     baseline = False  # also score the intensity baseline in validation.py
 
     # ---------------------------------------------------------------- model
-    modelname = "dlfcn_res101"  # "dlfcn_res101" (paper) | "dlfcn_res50" | "lite_gn" (CPU demos)
+    modelname = "dlfcn_res101"  # "dlfcn_res101" (paper) | "dlfcn_res50" | "lite_gn" | "lite_gn_s" (CPU demos)
     clsname = "grid_proto"
     use_coco_init = True  # torchvision COCO DeepLabV3 weights (cache or download); False: random init
     backbone_weights = None  # local weights file for the encoder (no download needed)
@@ -164,15 +168,15 @@ def demo():
     # CPU demo on the phantom: light backbone, a few minutes of training (docs/demo.md has the measurements).
     dataset = "PHANTOM"
     device = "cpu"
-    # lite_gn_s: lite_gn's depth and receptive field at ~0.6x its step time (0.720 vs 0.714 mean Dice on fold 0)
+    # lite_gn_s: lite_gn's depth and receptive field at ~0.6x its step time; this config: fold 0 mean Dice 0.684
     modelname = "lite_gn_s"
     use_coco_init = False
     # on 2 cores a DataLoader worker competes with the 2 torch threads: 0 workers made demo steps ~13 % faster
     num_workers = 0
-    # 2000 steps, SGD lr 1e-2 annealed by a cosine: fold 0 mean Dice 0.678 / 0.705 / 0.717 / 0.720 after
-    # 1000 / 1500 / 2000 / 2500 steps of a 2500-step cosine; lr 2e-2, AdamW 1e-3, CE weights [0.02 | 0.1 | 0.2, 1],
-    # dilations 2/4/8, 2 episodes per step, aug_v3, no augmentation, other superpixel sizes, supervoxels and other
-    # norms were no better; seeds 1 / 2 / 3 give 0.697 / 0.666 / 0.687 at 2000 steps (docs/demo.md)
+    # 2000 steps, SGD lr 1e-2 annealed by a cosine: fold 0 mean Dice 0.684 (seed 1234; seeds 1 / 2 / 3 give 0.697 /
+    # 0.666 / 0.687); a 2500-step cosine gave 0.678 / 0.705 / 0.717 / 0.720 after 1000 / 1500 / 2000 / 2500 steps;
+    # lr 2e-2, AdamW 1e-3, CE weights [0.02 | 0.1 | 0.2, 1], dilations 2/4/8, 2 episodes per step, aug_v3, no
+    # augmentation, other superpixel sizes, supervoxels and other norms were no better (docs/demo.md)
     n_steps = 2000
     lr_schedule = "cosine"
     lr_milestones = []

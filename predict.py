@@ -1,6 +1,6 @@
 """Segment new scans from one (or a few) annotated scans with a trained checkpoint, in the scans' own geometry.
 
-    python predict.py --checkpoint runs/own/snapshots/3000.pth \\
+    python predict.py --checkpoint runs/own/snapshots/100000.pth \\
         --support-image atlas.nii.gz --support-label atlas_seg.nii.gz --classes LIVER=5,SPLEEN=1 \\
         --query scans/ --out predictions/ [--query-label ...] [--device auto|cpu|cuda] [--batch-size N]
 
@@ -32,6 +32,7 @@ from pathlib import Path
 
 from models.backbone import BACKBONES
 from prediction.run import run
+from prediction.volume import DEFAULT_METHOD, INPLANE_MARGIN_MM, MARGIN_MM, METHODS
 from util.cli import EXIT_OK, EXIT_USER_ERROR, error_line
 from util.errors import ProjectError
 from util.options import OptionParser, parse_classes, positive_float, positive_int
@@ -56,6 +57,15 @@ def build_parser() -> OptionParser:
     p.add_argument("--size", type=positive_int, default=None, help="in-plane size of the processed grid (voxels)")
     p.add_argument("--window", type=float, nargs=2, default=None, metavar=("LO", "HI"), help="CT window in HU")
     p.add_argument("--modelname", choices=BACKBONES, default=None, help="backbone of a plain state dict")
+    p.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD,
+                   help="how the whole query is segmented: registered (default: registration places each support "
+                        "along the query, then the network), atlas (the supports' labels carried by registration, "
+                        "no network), body (the previous release's body-extent rule); docs/protocols.md")
+    p.add_argument("--margin-mm", type=positive_float, default=MARGIN_MM,
+                   help=f"registered: widening of the carried organ along z (its z-range), mm (default {MARGIN_MM:g})")
+    p.add_argument("--inplane-margin-mm", type=positive_float, default=INPLANE_MARGIN_MM,
+                   help=f"registered: in-plane widening of the carried organ (its prior), mm "
+                        f"(default {INPLANE_MARGIN_MM:g})")
     p.add_argument("--body-threshold", type=float, default=None, help="body mask threshold on the processed image "
                    "(default: CT 1e-4, MR 50.0001, the registry's; only the body's z-extent is used)")
     return p

@@ -5,7 +5,8 @@ the whole query volume, no ground-truth localisation); docs/method.md#evaluation
     python validation.py with demo run_dir=runs/demo reload_model_path=runs/demo/snapshots/1500.pth baseline=True
 
 Writes ``results.json`` (dataset, fold, setting, label_set, classes, class_dice, class_precision, class_recall,
-mean_dice, per_scan, checkpoint, elapsed_s, protocol details), the predicted volumes
+mean_dice: the 3D Dice, the paper's; class_dice_per_slice, mean_dice_per_slice: the mean per-slice Dice;
+per_scan, checkpoint, environment: versions, device and git commit; elapsed_s, protocol details), the predicted volumes
 ``interm_preds/scan_<id>_label_<c>.nii.gz`` with the image geometry, and prints a table.
 """
 
@@ -34,15 +35,18 @@ from dataloaders.normalization import Normalizer, normalizer_from_scans
 from engine.builders import build_model
 from engine.run_setup import resolve_device, resolve_fold, resolve_run_dir
 from engine.val_monitor import without_val_scans
+from evaluation.advice import low_dice_warnings
 from evaluation.ep1_alp import evaluate_fold
-from evaluation.ep2 import evaluate_fold_ep2
+from evaluation.ep2 import evaluate_fold_ep2, margin_fn
 from evaluation.predictors import FastPredictor
-from evaluation.tables import dice_table
+from evaluation.tables import dice_table, labelled_rows
 from models.weights import StateDictMismatchError, load_original_checkpoint, state_dict_mismatch
+from prediction.volume import DEFAULT_METHOD, METHODS, QueryScan, SupportScan, describe, prepare_atlases, segment_volume
 from util.atomic import atomic_folder
 from util.checkpoint import load_checkpoint
 from util.cli import run_cli
 from util.errors import ConfigError
+from util.provenance import software_versions
 from util.seeding import seed_everything, set_deterministic
 
 # Keys that must agree between the training run stored in a checkpoint and this evaluation.
@@ -130,10 +134,54 @@ def load_body_masks(data_dir: str | Path, info: Any, scan_ids: list[int]) -> dic
     return out
 
 
+class WholeVolume:
+    """EP2's segmenter over a fold: :func:`prediction.volume.segment_volume`, the function ``predict.py`` uses.
+
+    The support scans' registration atlases and each query's correspondences are computed once and shared by
+    ALPNet and the baseline (they depend on the images only).
+
+    Args:
+        data_dir, info: the processed folder and its dataset.
+        images, labels, geometry: the fold's normalised images, labels and geometries (scan id -> ...).
+        support_ids: the fold's support scans.
+        classes: the classes to segment (all in one decision).
+        method: ``ep2_method``.
+        n_part: support slices per support scan (``body``; ``registered`` uses every matched slice).
+    """
+
+    def __init__(self, data_dir: str | Path, info: Any, images: dict[int, np.ndarray], labels: dict[int, np.ndarray],
+                 geometry: dict[int, niftiio.Geometry], support_ids: list[int], classes: list[int], method: str,
+                 n_part: int) -> None:
+        self.info, self.classes, self.method, self.n_part = info, classes, method, n_part
+        scan_ids = list(images)
+        bodies = load_body_masks(data_dir, info, scan_ids) if method == "body" else {}
+        raw = {sid: niftiio.read_volume(niftiio.image_path(data_dir, sid))[0].astype(np.float32) for sid in scan_ids}
+        # (dz, dy, dx) mm from the image geometry (x, y, z)
+        spacing = {sid: tuple(float(v) for v in reversed(geometry[sid].spacing)) for sid in scan_ids}
+        self.queries = {sid: QueryScan(images[sid], raw[sid], spacing[sid], bodies.get(sid)) for sid in scan_ids}
+        self.supports = [SupportScan(images[s], labels[s], raw[s], spacing[s], bodies.get(s)) for s in support_ids]
+        self.atlases = prepare_atlases(self.supports, info.modality) if method != "body" else None
+        self._corrs: dict[int, Any] = {}
+
+    def segmenter(self, predict: Any):
+        """query scan id -> :class:`prediction.volume.VolumeSegmentation` with ``predict``'s margins."""
+        fn = margin_fn(predict)
+
+        def segment(q: int):
+            seg = segment_volume(fn, self.supports, self.queries[q], self.classes, method=self.method,
+                                 modality=self.info.modality, n_part=self.n_part, atlases=self.atlases,
+                                 correspondences=self._corrs.get(q))
+            if seg.correspondences:
+                self._corrs[q] = seg.correspondences
+            return seg
+
+        return segment
+
+
 @ex.main
 def validate(_run, _config: dict, _log, seed: int, reload_model_path: str | None, label_sets: int,
          eval_classes: list | None, n_sup_part: int, z_margin: int, val_wsize: int, eval_batch_size: int,
-         save_predictions: bool, baseline: bool, protocol: str, deterministic: bool) -> dict:
+         save_predictions: bool, baseline: bool, protocol: str, deterministic: bool, ep2_method: str) -> dict:
     t_start = time.perf_counter()
     seed_everything(seed)
     set_deterministic(deterministic)
@@ -142,6 +190,11 @@ def validate(_run, _config: dict, _log, seed: int, reload_model_path: str | None
     if protocol not in ("ep1_alp", "ep2"):
         raise ConfigError(f"protocol={protocol!r}: choose 'ep1_alp' or 'ep2' (whole volume); "
                           "docs/method.md#evaluation-protocols")
+    if ep2_method not in METHODS:
+        raise ConfigError(f"ep2_method={ep2_method!r}: choose one of {', '.join(METHODS)} (docs/protocols.md)")
+    if protocol != "ep2" and ep2_method != DEFAULT_METHOD and "ep2_method" in _run.config_modifications.modified:
+        raise ConfigError(f"ep2_method={ep2_method!r} acts only with protocol=ep2 (protocol={protocol!r} scores the "
+                          "ground-truth range); add protocol=ep2 or drop ep2_method")
     if not reload_model_path:
         raise ConfigError("reload_model_path is not set: pass the checkpoint to evaluate, "
                           "e.g. reload_model_path=runs/.../snapshots/100000.pth")
@@ -190,13 +243,14 @@ def validate(_run, _config: dict, _log, seed: int, reload_model_path: str | None
                               input_size=int(_config["input_size"][0]))
 
     # ------------------------------------------------------------------ evaluate
-    bodies = load_body_masks(_config["data_dir"], info, scan_ids) \
-        if protocol == "ep2" else {}
+    whole_volume = WholeVolume(_config["data_dir"], info, images, labels, geometry, list(fold.support),
+                               classes, ep2_method, n_sup_part) if protocol == "ep2" else None
 
     def run_protocol(predict):  # the same protocol for ALPNet and the baseline
-        if protocol == "ep2":
-            return evaluate_fold_ep2(predict, images, labels, bodies, list(fold.support), list(fold.queries),
-                                     classes, n_part=n_sup_part, class_names=info.labels)
+        if whole_volume is not None:
+            return evaluate_fold_ep2(whole_volume.segmenter(predict), labels, list(fold.support),
+                                     list(fold.queries), classes, n_part=n_sup_part, class_names=info.labels,
+                                     method=describe(ep2_method))
         return evaluate_fold(predict, images, labels, list(fold.support), list(fold.queries), classes,
                              n_part=n_sup_part, z_margin=z_margin, class_names=info.labels)
 
@@ -212,6 +266,9 @@ def validate(_run, _config: dict, _log, seed: int, reload_model_path: str | None
     for sid, c in fold_result.skipped:
         _log.warning("query scan %d holds no %s: not scored for that class (listed under 'skipped' in results.json)",
                      sid, info.labels[c])
+    # an empty prediction or a Dice below 0.3 is most often a data problem: say which pair and what to check
+    for line in low_dice_warnings(fold_result.per_scan, info.labels, str(_config["data_dir"]), info.name):
+        _log.warning(line)
 
     # ------------------------------------------------------------------ write (only after everything succeeded)
     if save_predictions:
@@ -227,7 +284,7 @@ def validate(_run, _config: dict, _log, seed: int, reload_model_path: str | None
         **result,
         "class_names": {str(c): info.labels[c] for c in classes},
         "checkpoint": str(reload_model_path), "checkpoint_step": ckpt.get("step"),
-        "protocol": protocol,
+        "protocol": protocol, "ep2_method": ep2_method if protocol == "ep2" else None,
         # what training really excluded, from the checkpoint's record (computed from the label files); the
         # config's values only for a checkpoint without one (a plain state dict)
         "exclusion_rule": trained_exclusion["exclusion_rule"] if trained_exclusion else _config["exclusion_rule"],
@@ -238,14 +295,17 @@ def validate(_run, _config: dict, _log, seed: int, reload_model_path: str | None
         "val_wsize": val_wsize, "support_scans": list(fold.support), "query_scans": list(fold.queries),
         "multishot_proto": _config["multishot_proto"],  # how support scans combine (docs/method.md#several-shots)
         "seed": seed, "modelname": _config["modelname"], "device": str(device),
+        # Python, torch, numpy, CUDA/cuDNN (on CUDA), the device's name, the git commit (null without git)
+        "environment": software_versions(str(device)),
         "elapsed_s": round(time.perf_counter() - t_start, 2),
     }
     if baseline_result is not None:
         summary["baseline"] = {k: baseline_result[k] for k in ("class_dice", "class_precision", "class_recall",
-                                                               "mean_dice", "per_scan")}
+                                                               "mean_dice", "class_dice_per_slice",
+                                                               "mean_dice_per_slice", "per_scan")}
     niftiio.write_json(summary, run_dir / "results.json")
-    table = dice_table({"ALPNet": summary, "intensity baseline": summary.get("baseline")}, summary["classes"],
-                       info.labels)
+    table = dice_table(labelled_rows({"ALPNet": summary, "intensity baseline": summary.get("baseline")}),
+                       summary["classes"], info.labels)
     print(f"\n{info.name} fold {fold.index}, setting {_config['setting']}, support scan(s) {list(fold.support)}, "
           f"queries {list(fold.queries)}, Dice (%):\n{table}\nresults: {run_dir / 'results.json'}")
     return {"mean_dice": summary["mean_dice"], "results": str(run_dir / "results.json")}

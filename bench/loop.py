@@ -84,7 +84,7 @@ def measure_loop(data_dir: str, fold_index: int, device: str, n_steps: int = 300
                          options={"--unobserved": True, "--loglevel": "WARNING"},
                          config_updates={
                              "data_dir": data_dir, "run_dir": run_dir, "eval_fold": fold_index, "device": device,
-                             "num_workers": workers, "n_steps": n_steps, "lr_milestones": [n_steps],
+                             "num_workers": workers, "n_steps": n_steps,
                              "input_size": (size, size), "feature_hw": [size // 8, size // 8], "proto_grid_size": 2,
                              "print_interval": 100, "save_snapshot_every": n_steps, "use_file_observer": False})
         used_threads = torch.get_num_threads()

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from util.errors import ProjectError
+from util.provenance import cpu_name
 
 # Modules the fork server imports once, so that each measurement process starts in milliseconds.
 _PRELOAD = ["torch", "bench.suite", "bench.loop", "training", "evaluation.predictors", "data_preprocessing.pseudolabel",
@@ -132,14 +133,20 @@ def cpu_count() -> int:
     return os.cpu_count() or 1
 
 
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo, else :func:`platform.processor`."""
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
+# CPU features that change the measured speed (bf16 and vector width), recorded with each run.
+_CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+def cpu_features() -> list[str]:
+    """Which of :data:`_CPU_FLAGS` the CPU has (from /proc/cpuinfo; empty where it is absent)."""
+    if not os.path.exists("/proc/cpuinfo"):
+        return []
+    with open("/proc/cpuinfo") as fh:
+        for line in fh:
+            if line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                return [f for f in _CPU_FLAGS if f in have]
+    return []
 
 
 def environment(device: str) -> dict[str, Any]:
@@ -148,7 +155,7 @@ def environment(device: str) -> dict[str, Any]:
 
     env: dict[str, Any] = {
         "device": device, "torch": torch.__version__, "python": platform.python_version(),
-        "platform": platform.platform(), "cpu": cpu_name(), "cpu_count": cpu_count(),
+        "platform": platform.platform(), "cpu": cpu_name(), "cpu_features": cpu_features(), "cpu_count": cpu_count(),
         "torch_threads": torch.get_num_threads(),
     }
     if device.startswith("cuda"):

@@ -2,8 +2,8 @@
 
 :func:`measure_predict` writes a support and a query CT in HU (int16 NIfTI, 0.78 mm in-plane, 2.5 mm slices: a
 body ellipse of soft tissue, an ellipsoid organ labelled 6, air at -1000 HU, Gaussian noise), a random-init
-checkpoint of the requested backbone that records CT preprocessing (window -125..275 HU, the SABS 1.75x spacing
-rule, 256x256), then times ``python predict.py ...`` as a new process: interpreter start, reading, the transform,
+checkpoint of the requested backbone that records CT preprocessing (window -125..275 HU, one fixed 1.6 mm in-plane
+spacing, 256x256), then times ``python predict.py ...`` as a new process: interpreter start, reading, the transform,
 scoring every slice, the map back to the 512x512 grid and the writing of every output. The peak resident memory
 of that process is read from ``getrusage(RUSAGE_CHILDREN).ru_maxrss`` (the only child of the measuring process).
 """
@@ -22,8 +22,9 @@ from typing import Any
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-CT_SETTINGS = {"modality": "CT", "spacing": None, "z_spacing": None, "size": 256, "window": [-125.0, 275.0],
-               "mr_clip_percentile": None}
+# the own-scan CT default: one fixed 1.6 mm in-plane spacing for support and query (docs/own-scans.md)
+CT_SETTINGS = {"modality": "CT", "spacing": 1.6, "z_spacing": None, "size": 256, "window": [-125.0, 275.0],
+               "mr_clip_percentile": None, "spacing_rule": "fixed"}
 ORGAN_ID = 6
 
 
@@ -88,7 +89,7 @@ def measure_predict(backbone: str, n_slices: int = 200, size: int = 512, support
     torch.manual_seed(0)
     model = FewShotSeg(backbone=backbone, init="none")
     torch.save({"model": model.state_dict(), "config": {"modelname": backbone},
-                "preprocessing": {"settings": CT_SETTINGS},
+                "preprocessing": {"settings": CT_SETTINGS, "spacing_mm": CT_SETTINGS["spacing"]},
                 "normalizer": {"kind": "global", "mean": 60.0, "std": 70.0, "scan_ids": []}}, root / "model.pth")
     del model
     cmd = [sys.executable, str(REPO / "predict.py"), "--checkpoint", str(root / "model.pth"),

@@ -89,10 +89,12 @@ def format_table(res: dict[str, Any]) -> str:
 
 
 def describe_machine(res: dict[str, Any]) -> str:
-    """One line: device, CPU, cores, torch, load averages, wall time."""
+    """One line: date, commit, device, CPU, cores, torch, load averages, wall time."""
     meta = res.get("meta", {})
     device = meta.get("gpu") or meta.get("cpu", "?")
-    return (f"{meta.get('device', '?')}: {device}; {meta.get('cpu_count', '?')} CPU cores "
+    commit = (meta.get("git_commit") or "unknown")[:7] + (" + uncommitted changes" if meta.get("git_dirty") else "")
+    return (f"{meta.get('date', '?')}, commit {commit}; "
+            f"{meta.get('device', '?')}: {device}; {meta.get('cpu_count', '?')} CPU cores "
             f"({meta.get('torch_threads', '?')} torch threads); torch {meta.get('torch', '?')}; "
             f"load average {meta.get('load_avg_start')} at start, {meta.get('load_avg_end')} at end; "
             f"{'--quick, ' if meta.get('quick') else ''}{meta.get('wall_s', '?')} s in total")

@@ -13,12 +13,14 @@ Measurements (each in its own process, see :mod:`bench.measure`):
 * ``predict``: ``predict.py`` end to end on one synthetic 512x512x200 CT query, as a new process
   (:func:`bench.prediction.measure_predict`): seconds and the process's peak RSS, per backbone.
 
-The data is the synthetic phantom (``data_preprocessing.phantom``), generated in a scratch folder.
+The data is the synthetic phantom (``data_preprocessing.phantom``), generated in a scratch folder when a selected
+part needs it (:data:`PARTS`; ``python -m bench --only predict`` runs the last measurement alone).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import shutil
 import tempfile
 import time
@@ -38,6 +40,11 @@ from bench.measure import (
     synthetic_batch,
     time_repeated,
 )
+from util.provenance import git_commit, git_dirty
+
+# The measurements, in the order they run; each is a key group of the results (``--only`` selects some).
+PARTS: tuple[str, ...] = ("pseudolabels", "pipeline", "eval", "train_step", "loop", "predict")
+_NEED_PHANTOM = {"pseudolabels", "pipeline", "eval", "loop"}  # the others build their own inputs
 
 # name -> (backbone, input size): the paper's configuration and the CPU demo's (config_ssl_upload.demo)
 MODELS: dict[str, tuple[str, int]] = {"paper": ("dlfcn_res101", 256), "demo": ("lite_gn_s", 256)}  # the demo config's
@@ -67,6 +74,8 @@ class SuiteConfig:
         predict_models: model names (keys of ``models``) timed with ``predict.py`` on a CT query of
             ``predict_shape`` (slices, in-plane size); empty skips it.
         isolate: run each measurement in its own process (False only for tests).
+        parts: the measurements to run (a subset of :data:`PARTS`; pseudolabels are still generated, untimed,
+            when a selected part reads them).
     """
 
     device: str = "cpu"
@@ -93,6 +102,7 @@ class SuiteConfig:
     predict_models: tuple[str, ...] = ()
     predict_shape: tuple[int, int] = (200, 512)
     isolate: bool = True
+    parts: tuple[str, ...] = PARTS
 
     def timing(self, model: str) -> dict[str, Any]:
         """Warm-up and repetition settings of one model (keyword arguments of :func:`measure_train_step`)."""
@@ -279,21 +289,31 @@ def run_suite(cfg: SuiteConfig, work_dir: str | Path | None = None, log=print) -
     """Run every measurement of ``cfg`` and return the results dict (the JSON of ``python -m bench``).
 
     Args:
-        cfg: what to measure.
+        cfg: what to measure (``cfg.parts`` selects the measurements).
         work_dir: scratch folder for the phantom (default: a temporary folder, removed afterwards).
         log: progress messages.
+
+    Raises:
+        BenchError: an unknown part, or a measurement process failed.
     """
+    unknown = sorted(set(cfg.parts) - set(PARTS))
+    if unknown or not cfg.parts:
+        raise BenchError(f"unknown or no benchmark part(s) {unknown}: choose from {', '.join(PARTS)}")
     t_start = time.perf_counter()
     tmp = None
     if work_dir is None:
         tmp = tempfile.mkdtemp(prefix="bench_phantom_")
         work_dir = tmp
     data_dir = str(Path(work_dir) / "phantom")
+    parts = set(cfg.parts)
 
     def run(fn, *args: Any, **kwargs: Any) -> dict[str, Any]:
         return run_isolated(fn, *args, isolate=cfg.isolate, **kwargs)
 
-    res: dict[str, Any] = {"meta": {"quick": cfg.quick, "load_avg_start": load_average(),
+    # where the figures come from: when, which code (the commit; "dirty" when tracked files differ from it)
+    res: dict[str, Any] = {"meta": {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+                                    "git_commit": git_commit(), "git_dirty": git_dirty(), "parts": list(cfg.parts),
+                                    "quick": cfg.quick, "load_avg_start": load_average(),
                                     "config": dataclasses.asdict(cfg)}}
     measurements: dict[str, dict[str, Any]] = {}
     try:
@@ -303,91 +323,101 @@ def run_suite(cfg: SuiteConfig, work_dir: str | Path | None = None, log=print) -
         log(f"bench on {res['meta'].get('gpu', res['meta']['cpu'])} ({cfg.device}), torch {res['meta']['torch']}, "
             f"{res['meta']['cpu_count']} CPU cores, load {res['meta']['load_avg_start']}")
         # ------------------------------------------------------------ data and pseudolabels
-        log("phantom ...")
-        res["meta"]["phantom_s"] = run(prepare_phantom, data_dir, cfg.n_scans, cfg.n_slices, cfg.size)["seconds"]
+        if parts & _NEED_PHANTOM:
+            log("phantom ...")
+            res["meta"]["phantom_s"] = run(prepare_phantom, data_dir, cfg.n_scans, cfg.n_slices, cfg.size)["seconds"]
         all_workers = cpu_count()
-        best: dict[int, dict[str, Any]] = {}
-        for _ in range(cfg.pseudolabel_rounds):
-            for workers in dict.fromkeys((1, all_workers)):
-                log(f"pseudolabels, {workers} worker(s) ...")
-                m = run(measure_pseudolabels, data_dir, workers)
-                if workers not in best or m["seconds"] < best[workers]["seconds"]:
-                    best[workers] = m
-        for workers, m in best.items():
-            measurements[f"pseudolabels.workers={workers}"] = m
-        res["pseudolabel_s_per_100_slices"] = {str(w): m["s_per_100_slices"] for w, m in best.items()}
-        res["pseudolabel_workers_all"] = all_workers
-        res["pseudolabel_speedup"] = best[1]["seconds"] / best[all_workers]["seconds"]
+        if "pseudolabels" in parts:
+            best: dict[int, dict[str, Any]] = {}
+            for _ in range(cfg.pseudolabel_rounds):
+                for workers in dict.fromkeys((1, all_workers)):
+                    log(f"pseudolabels, {workers} worker(s) ...")
+                    m = run(measure_pseudolabels, data_dir, workers)
+                    if workers not in best or m["seconds"] < best[workers]["seconds"]:
+                        best[workers] = m
+            for workers, m in best.items():
+                measurements[f"pseudolabels.workers={workers}"] = m
+            res["pseudolabel_s_per_100_slices"] = {str(w): m["s_per_100_slices"] for w, m in best.items()}
+            res["pseudolabel_workers_all"] = all_workers
+            res["pseudolabel_speedup"] = best[1]["seconds"] / best[all_workers]["seconds"]
+        elif parts & {"pipeline", "loop"}:  # they read the superpixels: generate them, untimed
+            log("pseudolabels (untimed) ...")
+            run(measure_pseudolabels, data_dir, all_workers)
         # ------------------------------------------------------------ episode pipeline
-        res["episodes_per_s"] = {}
-        for workers in cfg.pipeline_workers:
-            log(f"pipeline, {workers} worker(s) ...")
-            m = run(measure_pipeline, data_dir, cfg.eval_fold, workers, cfg.pipeline_episodes, cfg.size)
-            measurements[f"pipeline.workers={workers}"] = m
-            res["episodes_per_s"][str(workers)] = m["episodes_per_s"]
+        if "pipeline" in parts:
+            res["episodes_per_s"] = {}
+            for workers in cfg.pipeline_workers:
+                log(f"pipeline, {workers} worker(s) ...")
+                m = run(measure_pipeline, data_dir, cfg.eval_fold, workers, cfg.pipeline_episodes, cfg.size)
+                measurements[f"pipeline.workers={workers}"] = m
+                res["episodes_per_s"][str(workers)] = m["episodes_per_s"]
         # ------------------------------------------------------------ evaluation
-        backbone = cfg.models[cfg.eval_model][0]
-        for naive in (False, True):
-            log(f"evaluation, {'naive' if naive else 'fast'} path ...")
-            m = run(measure_eval, data_dir, cfg.eval_fold, backbone, cfg.size, cfg.device, naive,
-                    cfg.eval_batch_size)
-            measurements[f"eval.{'naive' if naive else 'fast'}"] = m
-        res["eval_s"] = measurements["eval.fast"]["seconds"]
-        res["eval_naive_s"] = measurements["eval.naive"]["seconds"]
-        res["eval_speedup_vs_naive"] = res["eval_naive_s"] / res["eval_s"]
-        res["eval_same_dice"] = measurements["eval.fast"]["mean_dice"] == measurements["eval.naive"]["mean_dice"]
-        res["eval_model"] = backbone
+        if "eval" in parts:
+            backbone = cfg.models[cfg.eval_model][0]
+            for naive in (False, True):
+                log(f"evaluation, {'naive' if naive else 'fast'} path ...")
+                m = run(measure_eval, data_dir, cfg.eval_fold, backbone, cfg.size, cfg.device, naive,
+                        cfg.eval_batch_size)
+                measurements[f"eval.{'naive' if naive else 'fast'}"] = m
+            res["eval_s"] = measurements["eval.fast"]["seconds"]
+            res["eval_naive_s"] = measurements["eval.naive"]["seconds"]
+            res["eval_speedup_vs_naive"] = res["eval_naive_s"] / res["eval_s"]
+            res["eval_same_dice"] = measurements["eval.fast"]["mean_dice"] == measurements["eval.naive"]["mean_dice"]
+            res["eval_model"] = backbone
         # ------------------------------------------------------------ training step
-        res["train_step_s"] = {}
-        for name, (backbone, size) in cfg.models.items():
-            res["train_step_s"][name] = {}
-            for amp in (amp_on if a == "auto" else a for a in cfg.amp_modes):
-                log(f"train step, {name} ({backbone}, {size}x{size}), amp={amp} ...")
-                m = run(measure_train_step, backbone, size, cfg.device, amp=amp, **cfg.timing(name))
-                measurements[f"train_step.{name}.amp={amp}"] = m
-                res["train_step_s"][name][amp] = m["median_s"]
-        res["train_options_s"] = {}
-        for name, option, overrides in cfg.options:
-            backbone, size = cfg.models[name]
-            log(f"train step, {name}, {option} ...")
-            kwargs = {**cfg.timing(name), **overrides}
-            if kwargs.get("amp") == "auto":
-                kwargs["amp"] = amp_on
-            try:
-                m = run(measure_train_step, backbone, size, cfg.device, **kwargs)
-            except BenchError as err:  # e.g. torch.compile without a working compiler: record, go on
-                res["train_options_s"].setdefault(name, {})[option] = None
-                measurements[f"train_step.{name}.{option}"] = {"error": str(err)}
-                continue
-            measurements[f"train_step.{name}.{option}"] = m
-            res["train_options_s"].setdefault(name, {})[option] = m["median_s"]
+        if "train_step" in parts:
+            res["train_step_s"] = {}
+            for name, (backbone, size) in cfg.models.items():
+                res["train_step_s"][name] = {}
+                for amp in (amp_on if a == "auto" else a for a in cfg.amp_modes):
+                    log(f"train step, {name} ({backbone}, {size}x{size}), amp={amp} ...")
+                    m = run(measure_train_step, backbone, size, cfg.device, amp=amp, **cfg.timing(name))
+                    measurements[f"train_step.{name}.amp={amp}"] = m
+                    res["train_step_s"][name][amp] = m["median_s"]
+            res["train_options_s"] = {}
+            for name, option, overrides in cfg.options:
+                backbone, size = cfg.models[name]
+                log(f"train step, {name}, {option} ...")
+                kwargs = {**cfg.timing(name), **overrides}
+                if kwargs.get("amp") == "auto":
+                    kwargs["amp"] = amp_on
+                try:
+                    m = run(measure_train_step, backbone, size, cfg.device, **kwargs)
+                except BenchError as err:  # e.g. torch.compile without a working compiler: record, go on
+                    res["train_options_s"].setdefault(name, {})[option] = None
+                    measurements[f"train_step.{name}.{option}"] = {"error": str(err)}
+                    continue
+                measurements[f"train_step.{name}.{option}"] = m
+                res["train_options_s"].setdefault(name, {})[option] = m["median_s"]
         # ------------------------------------------------------------ loop overhead (host-sync-free loop)
-        from bench.loop import measure_loop, measure_step_ratio
+        if "loop" in parts:
+            from bench.loop import measure_loop, measure_step_ratio
 
-        res["loop_steps_per_s"] = {}
-        for workers in cfg.loop_workers:
-            log(f"training loop, one-layer encoder 64x64, {workers} worker(s) ...")
-            m = run(measure_loop, data_dir, cfg.eval_fold, cfg.device, cfg.loop_steps, workers)
-            measurements[f"loop.workers={workers}"] = m
-            res["loop_steps_per_s"][str(workers)] = m["steps_per_s"]
-        if cfg.ratio_reps:
-            backbone, size = cfg.models["paper"]
-            log(f"train step, paper ({backbone}), before vs after the host-sync-free step ...")
-            m = run(measure_step_ratio, backbone, size, cfg.device, cfg.ratio_reps)
-            measurements["train_step.paper.legacy_vs_new"] = m
-            res["train_step_ratio_legacy_vs_new"] = m["ratio"]
+            res["loop_steps_per_s"] = {}
+            for workers in cfg.loop_workers:
+                log(f"training loop, one-layer encoder 64x64, {workers} worker(s) ...")
+                m = run(measure_loop, data_dir, cfg.eval_fold, cfg.device, cfg.loop_steps, workers)
+                measurements[f"loop.workers={workers}"] = m
+                res["loop_steps_per_s"][str(workers)] = m["steps_per_s"]
+            if cfg.ratio_reps:
+                backbone, size = cfg.models["paper"]
+                log(f"train step, paper ({backbone}), before vs after the host-sync-free step ...")
+                m = run(measure_step_ratio, backbone, size, cfg.device, cfg.ratio_reps)
+                measurements["train_step.paper.legacy_vs_new"] = m
+                res["train_step_ratio_legacy_vs_new"] = m["ratio"]
         # ------------------------------------------------------------ own-scan prediction (predict.py end to end)
-        from bench.prediction import measure_predict
+        if "predict" in parts:
+            from bench.prediction import measure_predict
 
-        for name in cfg.predict_models:
-            backbone = cfg.models[name][0]
-            n_slices, size = cfg.predict_shape
-            log(f"predict.py, one {size}x{size}x{n_slices} CT query, {name} ({backbone}) ...")
-            m = run(measure_predict, backbone, n_slices, size, device=cfg.device,
-                    work_dir=str(Path(work_dir) / f"predict_{name}"))
-            measurements[f"predict.{name}"] = m
-            res.setdefault("predict_s", {})[name] = m["seconds"]
-            res.setdefault("predict_peak_rss_mb", {})[name] = round(m["predict_peak_rss_mb"], 1)
+            for name in cfg.predict_models:
+                backbone = cfg.models[name][0]
+                n_slices, size = cfg.predict_shape
+                log(f"predict.py, one {size}x{size}x{n_slices} CT query, {name} ({backbone}) ...")
+                m = run(measure_predict, backbone, n_slices, size, device=cfg.device,
+                        work_dir=str(Path(work_dir) / f"predict_{name}"))
+                measurements[f"predict.{name}"] = m
+                res.setdefault("predict_s", {})[name] = m["seconds"]
+                res.setdefault("predict_peak_rss_mb", {})[name] = round(m["predict_peak_rss_mb"], 1)
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -64,6 +64,7 @@ from dataloaders.niftiio import (
     write_volume,
 )
 from util.errors import RawDataError
+from util.options import OptionParser
 
 DATASET = "CHAOST2"
 # fixed map (docs/method.md#q24-chaos-grey-values): liver, RK, LK, spleen
@@ -309,11 +310,16 @@ def run(raw: str | Path | None, out: str | Path, steps: Sequence[str] = STEPS, w
     return report is None or report.ok
 
 
+def build_parser() -> OptionParser:
+    """The options of ``python -m data_preprocessing.chaos`` (docs/cli.md)."""
+    return pipeline_parser("python -m data_preprocessing.chaos", __doc__.split("\n")[0], STEPS,
+                           "the CHAOS 'MR' folder (holding <patient id>/T2SPIR/{DICOM_anon,Ground})",
+                           "the original's superpixel numbering (docs/method.md#q2-superpixel-numbering)")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point: 0 on success, 1 when the verification fails, 2 on an input error."""
-    parser = pipeline_parser("python -m data_preprocessing.chaos", __doc__.split("\n")[0], STEPS,
-                             "the CHAOS 'MR' folder (holding <patient id>/T2SPIR/{DICOM_anon,Ground})",
-                             "the original's superpixel numbering (docs/method.md#q2-superpixel-numbering)")
+    parser = build_parser()
     args = parser.parse_args(argv)
     steps = parse_steps(args, STEPS, parser)
     try:

@@ -108,13 +108,18 @@ def summarize(cmap: dict[str, dict[str, list[int]]]) -> list[str]:
     return lines
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point; returns the exit code (2 on a data or dataset error)."""
+def build_parser() -> OptionParser:
+    """The options of ``python -m data_preprocessing.class_slice_index`` (docs/cli.md)."""
     parser = OptionParser(prog="python -m data_preprocessing.class_slice_index", description=__doc__.split("\n")[0])
     parser.add_argument("--dataset", required=True, help="registry name (e.g. SABS) or description file path")
     parser.add_argument("--data-dir", type=Path, default=None, help="processed folder (default: the dataset's)")
     parser.add_argument("--min-fg", type=positive_int, default=1, help="minimum class pixels per slice")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; returns the exit code (2 on a data or dataset error)."""
+    args = build_parser().parse_args(argv)
     try:
         info = get_dataset_info(args.dataset)
         data_dir = args.data_dir if args.data_dir is not None else info.data_dir

@@ -53,6 +53,7 @@ from data_preprocessing.scan_reader import check_same_grid
 from dataloaders.dataset_info import DatasetInfo, get_dataset_info
 from dataloaders.niftiio import DataFormatError, image_path, label_path, read_sitk, write_volume
 from util.errors import RawDataError
+from util.options import OptionParser
 
 DATASET = "CMR"
 RAW_TO_LABEL: dict[int, int] = {0: 0, 200: 1, 500: 2, 600: 3}  # LV_MYO, LV_BP, RV (dataset registry ids)
@@ -214,12 +215,17 @@ def run(raw: str | Path | None, out: str | Path, steps: Sequence[str] = STEPS, w
     return report is None or report.ok
 
 
+def build_parser() -> OptionParser:
+    """The options of ``python -m data_preprocessing.cmr`` (docs/cli.md)."""
+    return pipeline_parser("python -m data_preprocessing.cmr", __doc__.split("\n")[0], STEPS,
+                           "the MS-CMRSeg folder (searched recursively for patient<N>_C0[_manual].nii.gz)",
+                           "the original's superpixel numbering (docs/method.md#q2-superpixel-numbering); "
+                           "there is no original CMR pipeline")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point: 0 on success, 1 when the verification fails, 2 on an input error."""
-    parser = pipeline_parser("python -m data_preprocessing.cmr", __doc__.split("\n")[0], STEPS,
-                             "the MS-CMRSeg folder (searched recursively for patient<N>_C0[_manual].nii.gz)",
-                             "the original's superpixel numbering (docs/method.md#q2-superpixel-numbering); "
-                             "there is no original CMR pipeline")
+    parser = build_parser()
     args = parser.parse_args(argv)
     steps = parse_steps(args, STEPS, parser)
     try:

@@ -1,25 +1,21 @@
-"""Scans in any geometry -> the processed grid and back: reading, reorientation, resampling, crop/pad, intensity.
+"""Scans in any geometry -> the processed grid and back: reorientation, intensity, resampling, crop/pad.
 
 Used by ``python -m data_preprocessing.prepare`` (a user's own scans -> a training folder) and by ``predict.py``
-(support and query scans -> the network's grid, and the prediction back onto the query's own grid).
+(support and query scans -> the network's grid, and the prediction back onto the query's own grid). Reading the
+scans is :mod:`data_preprocessing.scan_reader`.
 
 Public interface::
 
-    read_scan(path) -> (sitk.Image, name)          NIfTI (.nii/.nii.gz), NRRD (.nrrd/.nhdr), MHA/MHD, or a folder
-                                                   holding one DICOM series; float32, finite values checked
-    read_label(path) -> sitk.Image                 an integer label file (float storage with integer values accepted)
-    list_scans(paths) -> [Path]                    folders expanded, numeric-aware order
-    scan_name(path) -> str                         file stem without .nii.gz/.nii/.nrrd/.nhdr/.mha/.mhd, or folder name
-    PrepareSettings                                modality, spacing, z_spacing, size, window, mr_clip_percentile;
+    PrepareSettings                                modality, spacing (one in-plane mm for every scan, or the SABS
+                                                   rule), z_spacing, size, window, mr_clip_percentile;
                                                    to_dict()/from_dict(); PrepareSettings.registry(name, modality)
     GridTransform                                  source / reoriented / resampled / processed grids, crop offsets,
                                                    pad value, intensity bounds; to_dict()/from_dict()
     preprocess_image(img, settings) -> (array (Z, H, W) float32, GridTransform, processed sitk.Image)
     preprocess_label(lbl, transform) -> array (Z, H, W) int32 of the raw label values
-    check_same_grid(img, lbl, img_path, lbl_path) -> lbl carrying img's geometry (or RawDataError naming both)
-    read_grid(path) -> Grid | None                 a file's grid from its header; grid_problem(img, lbl) compares two
     to_source_grid(array_zyx, transform) -> sitk.Image on the source grid (identical size/spacing/origin/direction)
-    preprocessing_record(data_dir, name, modality) -> dict   the checkpoint's "preprocessing" entry (training.py)
+    preprocessing_record(data_dir, name, modality, scan_ids) -> dict   the checkpoint's "preprocessing" entry, with
+                                                   the one in-plane spacing of the training scans (measured)
     preprocessing_from_checkpoint(ckpt) -> PrepareSettings | None
 
 The transform, in order (every step keeps each voxel's physical position in mm; the registry's rules:
@@ -36,9 +32,12 @@ docs/method.md#preprocessing):
    ``mr_clip_percentile``-th percentile of the volume (default 99.5), no lower clip (docs/method.md#chaos-t2-mri).
 3. **Resampling** in-plane to ``spacing`` (mm); z kept unless ``z_spacing`` is set. Output size per axis
    ``max(1, round(n * s / t))`` (the physical extent of the scan; not the original's ``+ 1`` rule,
-   docs/method.md#resampling-rule), origin and direction of the reoriented image. Default spacing: MR 1.25 mm (CHAOS);
-   CT 1.75 x the scan's own in-plane spacing (the SABS rule: 448 px of a 512 px scan become 256;
-   docs/method.md#physical-scale).
+   docs/method.md#resampling-rule), origin and direction of the reoriented image. One physical scale: every scan
+   of a dataset, and support and query alike, gets the same spacing in mm, so an organ has the same size in pixels
+   whatever the scanner's resolution (docs/method.md#physical-scale). Defaults: MR 1.25 mm (CHAOS); CT 1.6 mm
+   (256 px cover 410 mm, the field of view of an abdominal CT, docs/own-scans.md). The SABS registry pipeline
+   keeps its published rule, 1.75 x each scan's own spacing (``spacing_rule="sabs"``: right only because every
+   Synapse scan is 0.6-0.98 mm; docs/method.md#sabs-ct).
 4. **Centre crop or pad** in-plane to ``size x size`` around (rows // 2, cols // 2) of the resampled grid
    (:func:`data_preprocessing.resample.center_start`); padding holds the volume's minimum after step 2.
 
@@ -69,13 +68,17 @@ import SimpleITK as sitk
 
 from data_preprocessing.intensity import CT_WINDOW, MR_CLIP_PERCENTILE, rescale_window
 from data_preprocessing.resample import center_start
-from dataloaders.niftiio import DataFormatError
+from dataloaders.niftiio import DataFormatError, image_path, read_header
 
 ORIENTATION = "LPS"  # common orientation of every processed scan (identity direction for axis-aligned scans)
 MR_SPACING = 1.25  # in-plane mm of the MR registry datasets (CHAOS, CMR, the phantom)
+# Own CT scans: 256 px x 1.6 mm = 410 mm, the field of view of clinical abdominal CT (300-500 mm, most abdomens
+# fit; docs/own-scans.md "One physical scale").
+CT_SPACING = 1.6
 CT_SPACING_FACTOR = 1.75  # SABS rule: in-plane spacing x 1.75 (448 px -> 256, docs/method.md#sabs-ct)
+SpacingRule = Literal["fixed", "sabs"]
 DEFAULT_SIZE = 256
-# Registry datasets: (in-plane spacing in mm or None for the CT rule, z spacing in mm or None = kept),
+# Registry datasets: (in-plane spacing in mm or None for the SABS rule, z spacing in mm or None = kept),
 # docs/method.md#preprocessing.
 REGISTRY_GRIDS: dict[str, tuple[float | None, float | None]] = {
     "CHAOST2": (1.25, 7.70), "CMR": (1.25, 7.99), "PHANTOM": (1.25, 7.70), "SABS": (None, None),
@@ -91,12 +94,15 @@ class PrepareSettings:
 
     Attributes:
         modality: ``"CT"`` (windowed and scaled to 0..255) or ``"MR"`` (percentile clip).
-        spacing: in-plane spacing in mm; ``None``: the modality's registry rule (MR 1.25 mm; CT 1.75 x the
-            scan's own spacing, the SABS rule).
+        spacing: in-plane spacing in mm, the same for every scan; ``None``: the modality's default (MR 1.25 mm,
+            CT 1.6 mm), or no fixed value under ``spacing_rule="sabs"``.
         z_spacing: slice spacing in mm; ``None`` keeps the scan's slices.
         size: in-plane size in voxels of the processed grid (``size x size``).
         window: CT window (low, high) in HU, mapped to 0..255; ``None`` for MR.
         mr_clip_percentile: MR upper clip, percent in (0, 100]; ``None`` for CT.
+        spacing_rule: ``"fixed"`` (``spacing`` for every scan) or ``"sabs"``, the SABS pipeline's published rule,
+            1.75 x each scan's own in-plane spacing (CT only; ``spacing`` must be ``None``). Scans of different
+            resolutions then end at different scales: only the registry's SABS pipeline uses it.
     """
 
     modality: Modality
@@ -105,6 +111,7 @@ class PrepareSettings:
     size: int = DEFAULT_SIZE
     window: tuple[float, float] | None = None
     mr_clip_percentile: float | None = None
+    spacing_rule: SpacingRule = "fixed"
 
     def __post_init__(self) -> None:
         if self.modality not in ("CT", "MR"):
@@ -123,8 +130,14 @@ class PrepareSettings:
             if not 0 < pct <= 100:
                 raise ValueError(f"mr_clip_percentile must be in (0, 100], got {pct}")
             object.__setattr__(self, "mr_clip_percentile", pct)
-        if self.spacing is None and self.modality == "MR":
-            object.__setattr__(self, "spacing", MR_SPACING)
+        if self.spacing_rule not in ("fixed", "sabs"):
+            raise ValueError(f"spacing_rule must be 'fixed' or 'sabs', got {self.spacing_rule!r}")
+        if self.spacing_rule == "sabs":
+            if self.modality != "CT" or self.spacing is not None:
+                raise ValueError("spacing_rule='sabs' (1.75 x each scan's own spacing) is a CT rule without a fixed "
+                                 f"spacing; got modality {self.modality}, spacing {self.spacing}")
+        elif self.spacing is None:
+            object.__setattr__(self, "spacing", MR_SPACING if self.modality == "MR" else CT_SPACING)
         for key in ("spacing", "z_spacing"):
             value = getattr(self, key)
             if value is not None:
@@ -136,40 +149,50 @@ class PrepareSettings:
 
     def inplane_spacing(self, source_spacing: Sequence[float]) -> tuple[float, float]:
         """Output in-plane spacing (x, y) in mm for a reoriented scan of spacing ``source_spacing`` (x, y, z)."""
-        if self.spacing is not None:
+        if self.spacing_rule == "fixed":
             return self.spacing, self.spacing
         return CT_SPACING_FACTOR * float(source_spacing[0]), CT_SPACING_FACTOR * float(source_spacing[1])
+
+    def with_spacing(self, spacing: float) -> PrepareSettings:
+        """The same settings with one fixed in-plane spacing (mm) for every scan."""
+        return PrepareSettings(modality=self.modality, spacing=float(spacing), z_spacing=self.z_spacing,
+                               size=self.size, window=self.window, mr_clip_percentile=self.mr_clip_percentile)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe form (lists for tuples)."""
         return {"modality": self.modality, "spacing": self.spacing, "z_spacing": self.z_spacing, "size": self.size,
                 "window": list(self.window) if self.window is not None else None,
-                "mr_clip_percentile": self.mr_clip_percentile}
+                "mr_clip_percentile": self.mr_clip_percentile, "spacing_rule": self.spacing_rule}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PrepareSettings:
-        """Inverse of :meth:`to_dict`.
+        """Inverse of :meth:`to_dict`. A record written before ``spacing_rule`` existed with a CT ``spacing`` of
+        ``None`` meant the SABS rule, and still does.
 
         Raises:
             ValueError: unknown or missing keys, or invalid values.
         """
         if not isinstance(data, dict):
             raise ValueError(f"preprocessing settings must be an object, got {type(data).__name__}")
-        keys = {"modality", "spacing", "z_spacing", "size", "window", "mr_clip_percentile"}
+        keys = {"modality", "spacing", "z_spacing", "size", "window", "mr_clip_percentile", "spacing_rule"}
         unknown = sorted(set(data) - keys)
         if unknown or "modality" not in data:
             raise ValueError(f"preprocessing settings: unknown keys {unknown} or no 'modality' in {sorted(data)}")
         window = data.get("window")
+        rule = data.get("spacing_rule")
+        if rule is None:
+            rule = "sabs" if data["modality"] == "CT" and data.get("spacing") is None else "fixed"
         return cls(modality=data["modality"], spacing=data.get("spacing"), z_spacing=data.get("z_spacing"),
                    size=data.get("size", DEFAULT_SIZE), window=tuple(window) if window is not None else None,
-                   mr_clip_percentile=data.get("mr_clip_percentile"))
+                   mr_clip_percentile=data.get("mr_clip_percentile"), spacing_rule=rule)
 
     @classmethod
     def registry(cls, name: str, modality: Modality) -> PrepareSettings:
-        """The settings equivalent to a registry dataset's own pipeline (docs/method.md#preprocessing):
-        CHAOST2/PHANTOM 1.25 mm and
-        7.70 mm slices, CMR 1.25 / 7.99 mm, SABS the CT rule with slices kept; another name: the modality's
-        defaults."""
+        """The settings equivalent to a registry dataset's own pipeline (docs/method.md#preprocessing): CHAOST2 and
+        PHANTOM 1.25 mm with 7.70 mm slices, CMR 1.25 / 7.99 mm, SABS the published 1.75 x rule with slices kept;
+        another name: the modality's defaults."""
+        if name == "SABS":
+            return cls(modality=modality, spacing_rule="sabs")
         spacing, z_spacing = REGISTRY_GRIDS.get(name, (None, None))
         return cls(modality=modality, spacing=spacing, z_spacing=z_spacing)
 
@@ -510,20 +533,47 @@ NORMALIZATION = {  # normalisation of the network input (docs/method.md#load-tim
 }
 
 
-def preprocessing_record(data_dir: str | Path, dataset_name: str, modality: Modality) -> dict[str, Any]:
-    """The ``"preprocessing"`` entry of a training checkpoint: what :func:`preprocessing_from_checkpoint` reads.
+def training_spacings(data_dir: str | Path, scan_ids: Sequence[int]) -> dict[int, float]:
+    """In-plane spacing (mm) of each processed training image, read from its header (no voxels read).
+
+    Raises:
+        DataFormatError: an image that cannot be read, or with different x and y spacings (names the file).
+    """
+    out: dict[int, float] = {}
+    for sid in scan_ids:
+        path = image_path(data_dir, sid)
+        sx, sy = read_header(path).GetSpacing()[:2]
+        if not np.isclose(sx, sy, rtol=1e-3):
+            raise DataFormatError(f"{path}: in-plane spacing {sx:g} x {sy:g} mm is not square; re-run the "
+                                  "preprocessing")
+        out[int(sid)] = round(float(sx), 6)  # NIfTI stores float32: 1.6 reads as 1.60000002
+    return out
+
+
+def preprocessing_record(data_dir: str | Path, dataset_name: str, modality: Modality,
+                         scan_ids: Sequence[int] = (), declared_spacing: float | None = None) -> dict[str, Any]:
+    """The ``"preprocessing"`` entry of a training checkpoint: what :func:`prediction_settings` reads.
+
+    The in-plane spacing is measured on the training scans' headers, the source of truth, and checked against what
+    the folder says about itself: one physical scale for the whole dataset (docs/method.md#physical-scale).
 
     Args:
         data_dir: the processed folder; its ``scans.json`` (from ``data_preprocessing.prepare``) gives the settings.
         dataset_name, modality: the dataset; without ``scans.json`` the registry's equivalent settings
-            (:meth:`PrepareSettings.registry`; the modality's defaults for a dataset the registry does not know).
+            (:meth:`PrepareSettings.registry`; the modality's defaults for a dataset the registry does not know),
+            with the spacing measured on the scans (e.g. a phantom of another size).
+        scan_ids: the training scans whose spacing is measured (none: the settings' own spacing is recorded).
+        declared_spacing: the ``spacing_mm`` of the dataset's description file, when the folder states one.
 
     Returns:
-        ``{"settings": PrepareSettings.to_dict(), "source": where they come from, "orientation": "LPS",
-        "normalization": the load-time normalisation of the modality}``.
+        ``{"settings": PrepareSettings.to_dict(), "source": where they come from, "spacing_mm": the one in-plane
+        spacing of the training data (the median under the SABS rule, whose scans each keep their own),
+        "spacing_source": how it was found, "orientation": "LPS", "normalization": the load-time normalisation}``.
 
     Raises:
-        DataFormatError: a ``scans.json`` that cannot be read or holds no valid ``settings`` (names the file).
+        DataFormatError: a ``scans.json`` that cannot be read or holds no valid ``settings``; a training scan whose
+            spacing differs from the folder's recorded one, or scans of different spacings in a fixed-spacing folder
+            (names the file and says what to re-run).
     """
     path = Path(data_dir) / SCANS_FILE
     if path.is_file():
@@ -536,8 +586,64 @@ def preprocessing_record(data_dir: str | Path, dataset_name: str, modality: Moda
         settings = PrepareSettings.registry(dataset_name, modality)
         source = f"registry convention of {dataset_name}" if dataset_name in REGISTRY_GRIDS \
             else f"{modality} defaults (no {SCANS_FILE} in {data_dir})"
-    return {"settings": settings.to_dict(), "source": source, "orientation": ORIENTATION,
-            "normalization": NORMALIZATION[settings.modality]}
+    measured = training_spacings(data_dir, scan_ids)
+    values = sorted(set(measured.values()))
+    if settings.spacing_rule == "sabs":
+        spacing = float(np.median(list(measured.values()))) if measured else declared_spacing
+        how = (f"median of the {len(measured)} training scans' in-plane spacings ({values[0]:g}-{values[-1]:g} mm: "
+               "each keeps 1.75 x its own, the SABS rule)" if measured else "the dataset's typical spacing")
+    else:
+        if values and not np.allclose(values, values[0], rtol=1e-3):
+            common = max(values, key=lambda v: sum(np.isclose(m, v, rtol=1e-3) for m in measured.values()))
+            odd = next(sid for sid, v in measured.items() if not np.isclose(v, common, rtol=1e-3))
+            raise DataFormatError(f"{image_path(data_dir, odd)}: in-plane spacing {measured[odd]:g} mm, other training "
+                                  f"scans {common:g} mm: one dataset needs one physical scale; re-run the "
+                                  "preprocessing with one --spacing")
+        if values and path.is_file() and not np.isclose(values[0], settings.spacing, rtol=1e-3):
+            raise DataFormatError(f"{path}: records spacing {settings.spacing:g} mm but the images are at "
+                                  f"{values[0]:g} mm; re-run data_preprocessing.prepare")
+        if values:
+            settings = settings.with_spacing(values[0])
+        spacing = settings.spacing
+        how = f"every training scan is at {spacing:g} mm" if values else "the preprocessing settings"
+    if declared_spacing is not None and settings.spacing_rule == "fixed" and values \
+            and not np.isclose(declared_spacing, spacing, rtol=1e-3) and path.is_file():
+        raise DataFormatError(f"{Path(data_dir)}: dataset.json5 says spacing_mm {declared_spacing:g} but the training "
+                              f"scans are at {spacing:g} mm; re-run data_preprocessing.prepare")
+    return {"settings": settings.to_dict(), "source": source, "spacing_mm": spacing, "spacing_source": how,
+            "orientation": ORIENTATION, "normalization": NORMALIZATION[settings.modality]}
+
+
+def prediction_settings(ckpt: dict[str, Any], fallback_spacing: float | None = None
+                        ) -> tuple[PrepareSettings, str] | None:
+    """The preprocessing ``predict.py`` applies to support and query alike: the checkpoint's settings with its one
+    in-plane spacing (docs/method.md#physical-scale).
+
+    Args:
+        ckpt: a loaded checkpoint.
+        fallback_spacing: the dataset's typical spacing (its description's ``spacing_mm``) for a checkpoint trained
+            under the SABS rule that records no measured spacing.
+
+    Returns:
+        ``(settings with a fixed spacing, a sentence saying where the spacing comes from)``, or ``None`` when the
+        checkpoint records no preprocessing (an original state dict: the command line must give it).
+
+    Raises:
+        ValueError: a malformed record, or a SABS-rule checkpoint without any spacing to use.
+    """
+    settings = preprocessing_from_checkpoint(ckpt)
+    if settings is None:
+        return None
+    entry = ckpt.get("preprocessing") or {}
+    recorded = entry.get("spacing_mm") if isinstance(entry, dict) else None
+    if settings.spacing_rule == "fixed":
+        return settings, f"{settings.spacing:g} mm, the checkpoint's training data"
+    spacing = recorded if recorded is not None else fallback_spacing
+    if spacing is None:
+        raise ValueError("the checkpoint was trained under the SABS rule (each scan at 1.75 x its own spacing) and "
+                         "records no typical spacing: pass --spacing")
+    why = entry.get("spacing_source") if recorded is not None else "the dataset's typical spacing"
+    return settings.with_spacing(spacing), f"{spacing:g} mm ({why})"
 
 
 def preprocessing_from_checkpoint(ckpt: dict[str, Any]) -> PrepareSettings | None:

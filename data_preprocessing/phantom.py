@@ -599,6 +599,8 @@ def description(out_dir: str | Path, n_scans: int, appearance: Appearance, size:
         "body_threshold": BODY_THRESHOLD["MR" if appearance == "mr" else "CT"],
         # 3D supervoxels of ~60 cm3 (5000 voxels of the 256 x 256 grid) whatever the in-plane size (docs/supervoxels.md)
         "n_sv": max(1, round(5000 * (size / 256) ** 2)),
+        # the in-plane spacing of every scan of the folder (scan_geometry)
+        "spacing_mm": (MR_PIXEL_MM if appearance == "mr" else CT_PIXEL_MM) * 256.0 / size,
     }
 
 
@@ -665,8 +667,8 @@ def save_preview(data_dir: str | Path, png: str | Path, scan_ids: list[int] | No
     return png
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Command-line entry point; a bad option exits with one ``error:`` line and code 2 before any work."""
+def build_parser() -> OptionParser:
+    """The options of ``python -m data_preprocessing.phantom`` (docs/cli.md)."""
     ap = OptionParser(prog="python -m data_preprocessing.phantom", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="output folder")
     ap.add_argument("--n-scans", type=int_at_least(2), default=10)
@@ -677,6 +679,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--appearance", choices=("mr", "ct"), default="mr")
     ap.add_argument("--workers", type=int_at_least(1), default=min(2, os.cpu_count() or 1))
     ap.add_argument("--preview", default=None, help="also save a PNG grid of slices with label contours")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command-line entry point; a bad option exits with one ``error:`` line and code 2 before any work."""
+    ap = build_parser()
     args = ap.parse_args(argv)
     if args.n_slices_min > args.n_slices_max:
         ap.error(f"--n-slices-min {args.n_slices_min} is larger than --n-slices-max {args.n_slices_max}")

@@ -56,8 +56,9 @@ def run_final_steps(out_dir: str | Path, info: DatasetInfo, steps: Sequence[str]
 
 
 def pipeline_parser(prog: str, description: str, steps: Sequence[str], raw_help: str,
-                    parity_help: str | None) -> argparse.ArgumentParser:
-    """Argument parser shared by the dataset pipelines (``--raw``, ``--out``, ``--steps``, ``--verify-only`` ...)."""
+                    parity_help: str | None, scans: bool = True) -> OptionParser:
+    """Argument parser shared by the dataset pipelines (``--raw``, ``--out``, ``--steps``, ``--verify-only`` ...);
+    ``--parity`` when ``parity_help`` is given, ``--scans`` when ``scans``."""
     parser = OptionParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--raw", type=Path, default=None, help=raw_help)
     parser.add_argument("--out", type=Path, required=True, help="processed output folder (created if needed)")
@@ -69,7 +70,8 @@ def pipeline_parser(prog: str, description: str, steps: Sequence[str], raw_help:
     parser.add_argument("--keep-intermediate", action="store_true",
                         help="keep the intermediate files when one run does both of the first two steps "
                              "(otherwise they are deleted once the second step has used them)")
-    parser.add_argument("--scans", default=None, help="comma-separated scan ids to convert (default: all found)")
+    if scans:
+        parser.add_argument("--scans", default=None, help="comma-separated scan ids to convert (default: all found)")
     parser.add_argument("--workers", type=int_at_least(1), default=os.cpu_count() or 1,
                         help="processes for the superpixel step (default: all cores)")
     parser.add_argument("--report", type=Path, default=None, help="also write the verification report as JSON")

@@ -17,8 +17,10 @@ all match and there are as many labels as images, they pair by order. Images wit
 
 Every scan goes through :func:`data_preprocessing.geometry.preprocess_image`: reoriented to LPS, intensity (CT:
 ``--window``, default -125..275 HU, scaled to 0..255; MR: clipped at the 99.5th percentile), resampled in-plane to
-``--spacing`` (default: MR 1.25 mm, CT 1.75 x the scan's own spacing, the registry conventions), z kept unless
-``--z-spacing``, centre crop or pad to ``--size``. Labels follow one value at a time.
+``--spacing``, one value in mm for every scan of the folder (default: MR 1.25 mm; CT 1.6 mm, 256 px covering 410 mm;
+never a multiple of each scan's own spacing, so scans of mixed resolutions keep one physical scale; written to
+``dataset.json5`` as ``spacing_mm``), z kept unless ``--z-spacing``, centre crop or pad to ``--size``. Labels follow
+one value at a time.
 
 Classes: ``--classes LIVER=5,SPLEEN=1`` names the raw ids of your label files; they become the contiguous ids 1, 2,
 ... of the processed labels in the order given (other raw ids become background, with a note). Without it, every
@@ -261,6 +263,7 @@ def description(name: str, settings: PrepareSettings, out_dir: Path, table: dict
     }
     if body_threshold is not None:
         desc["body_threshold"] = body_threshold
+    desc["spacing_mm"] = settings.spacing  # one physical scale for every scan (checked again at training time)
     return desc
 
 
@@ -371,7 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--classes", type=parse_classes, default=None,
                         help="NAME=RAW_ID,... e.g. LIVER=5,SPLEEN=1 (default: every id found, named by its id)")
     parser.add_argument("--spacing", type=positive_float, default=None,
-                        help="in-plane spacing in mm (default: MR 1.25; CT 1.75 x the scan's own, the SABS rule)")
+                        help="in-plane spacing in mm of every scan, support and query alike (default: MR 1.25; CT 1.6, "
+                             "256 px = 410 mm, the field of view of abdominal CT; docs/own-scans.md)")
     parser.add_argument("--z-spacing", type=positive_float, default=None, help="slice spacing in mm (default: kept)")
     parser.add_argument("--size", type=positive_int, default=256, help="in-plane size in voxels (default 256)")
     parser.add_argument("--window", nargs=2, type=float, default=None, metavar=("LO", "HI"),

@@ -18,6 +18,10 @@ Usage::
     python -m data_preprocessing.pseudolabel --dataset CHAOST2 [--data-dir DIR] [--workers N] [--parity]
         [--scale MIDDLE] [--scans 1,2,3]
     python -m data_preprocessing.pseudolabel --dataset CHAOST2 --dim 3 [--n-sv 5000] [--compactness 0.1] ...
+    python -m data_preprocessing.pseudolabel --dataset CHAOST2 --preview DIR [--dim 3] [--scans 1,2]
+
+``--preview DIR`` generates nothing: it draws the existing pseudolabels over a few slices of a few scans, with
+their size statistics (:mod:`data_preprocessing.pseudolabel_preview`).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from data_preprocessing.pseudolabel_preview import summary_lines, write_preview
 from data_preprocessing.superpixels import SCALE_MODES, scale_params, superpixel_slice
 from data_preprocessing.supervoxels import DEFAULT_COMPACTNESS, supervoxel_volume
 from dataloaders.dataset_info import DatasetDescriptionError, DatasetInfo, get_dataset_info
@@ -320,8 +325,8 @@ def _id_list(text: str) -> list[int]:
     return ids
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point; returns the exit code (2 on a data or dataset error)."""
+def build_parser() -> OptionParser:
+    """The options of ``python -m data_preprocessing.pseudolabel`` (docs/cli.md)."""
     parser = OptionParser(prog="python -m data_preprocessing.pseudolabel", description=__doc__.split("\n")[0])
     parser.add_argument("--dataset", required=True, help="registry name (e.g. CHAOST2) or description file path")
     parser.add_argument("--data-dir", type=Path, default=None, help="processed folder (default: the dataset's)")
@@ -337,15 +342,30 @@ def main(argv: list[str] | None = None) -> int:
                         help="--dim 3: mean supervoxel size in voxels (default: the dataset's n_sv)")
     parser.add_argument("--compactness", type=positive_float, default=None,
                         help=f"--dim 3: SLIC compactness (default {DEFAULT_COMPACTNESS})")
+    parser.add_argument("--preview", type=Path, default=None, metavar="DIR",
+                        help="generate nothing: write PNGs of the existing pseudolabels (--dim 2 or 3) over 3 slices "
+                             "of each of --scans (default: the first 3 scans) and their size statistics to DIR")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; returns the exit code (2 on a data or dataset error)."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.dim == 2 and (args.n_sv is not None or args.compactness is not None):
         parser.error("--n-sv and --compactness apply to --dim 3 only")
     if args.dim == 3 and args.parity:
         parser.error("--parity (the original's 2D superpixel numbering) does not apply to --dim 3")
+    if args.preview is not None and (args.parity or args.n_sv is not None or args.compactness is not None):
+        parser.error("--preview reads the existing pseudolabels: --parity, --n-sv and --compactness do not apply")
     try:
         info = get_dataset_info(args.dataset)
         data_dir = args.data_dir if args.data_dir is not None else info.data_dir
-        if args.dim == 3:
+        if args.preview is not None:
+            report = write_preview(data_dir, args.preview, args.dataset, dim=args.dim, scale=args.scale,
+                                   scan_ids=args.scans)
+            print("\n".join(summary_lines(report)) + f"\nwritten: {args.preview}/ (PNGs, preview.json)")
+        elif args.dim == 3:
             generate_supervoxels(data_dir, info, workers=args.workers, n_sv=args.n_sv,
                                  compactness=DEFAULT_COMPACTNESS if args.compactness is None else args.compactness,
                                  scale=args.scale, scan_ids=args.scans)

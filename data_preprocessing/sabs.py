@@ -54,6 +54,7 @@ from dataloaders.niftiio import (
     write_volume,
 )
 from util.errors import RawDataError
+from util.options import OptionParser
 
 DATASET = "SABS"
 ROI_BORDER = 32  # px cut from every in-plane border (docs/method.md#sabs-ct, step 4)
@@ -264,16 +265,20 @@ def run(raw: str | Path | None, out: str | Path, steps: Sequence[str] = STEPS, w
     return report is None or report.ok
 
 
+def build_parser() -> OptionParser:
+    """The options of ``python -m data_preprocessing.sabs`` (docs/cli.md)."""
+    return pipeline_parser("python -m data_preprocessing.sabs", __doc__.split("\n")[0], STEPS,
+                           "the Synapse folder holding img/ and label/",
+                           "the original's outputs: per-volume rescaling, the 257x257 grid and superpixel "
+                           "numbering (docs/method.md#quirks)",
+                           scans=False)  # no --scans: the scans are renumbered over the whole folder
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point: 0 on success, 1 when the verification fails, 2 on an input error."""
-    parser = pipeline_parser("python -m data_preprocessing.sabs", __doc__.split("\n")[0], STEPS,
-                             "the Synapse folder holding img/ and label/",
-                             "the original's outputs: per-volume rescaling, the 257x257 grid and superpixel "
-                             "numbering (docs/method.md#quirks)")
+    parser = build_parser()
     args = parser.parse_args(argv)
     steps = parse_steps(args, STEPS, parser)
-    if args.scans is not None:
-        parser.error("--scans is not available for SABS: the scans are renumbered over the whole folder")
     try:
         ok = run(args.raw, args.out, steps, work=args.work, workers=args.workers, parity=args.parity,
                  keep_intermediate=args.keep_intermediate, report_path=args.report, progress=not args.no_progress)

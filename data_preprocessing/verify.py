@@ -296,15 +296,20 @@ def show_scan(data_dir: str | Path, scan_id: int, z: int | None = None, scale: s
 
 
 # -------------------------------------------------------------------- CLI
-def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point: 0 when the folder passes, 1 when it has errors, 2 on a usage error."""
+def build_parser() -> OptionParser:
+    """The options of ``python -m data_preprocessing.verify`` (docs/cli.md)."""
     parser = OptionParser(prog="python -m data_preprocessing.verify", description=__doc__.split("\n")[0])
     parser.add_argument("--data-dir", type=existing_dir, default=None, help="processed folder (default: the dataset's)")
     parser.add_argument("--dataset", required=True, help="registry name (e.g. SABS) or description file path")
     parser.add_argument("--no-superpixels", action="store_true", help="do not require the superpixel files")
     parser.add_argument("--no-classmap", action="store_true", help="do not require classmap_1.json")
     parser.add_argument("--report", type=Path, default=None, help="also write the report as JSON")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point: 0 when the folder passes, 1 when it has errors, 2 on a usage error."""
+    args = build_parser().parse_args(argv)
     try:
         info = get_dataset_info(args.dataset)
     except DatasetDescriptionError as err:

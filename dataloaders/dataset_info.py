@@ -20,6 +20,8 @@ Description file keys (see ``dataloaders/datasets/*.json5`` and docs/data-format
   training-only fold, every scan trains and nothing is evaluated),
 - ``body_threshold`` (float, raw-intensity threshold of the pseudolabel body mask; default 1e-4 for CT and
   50.0001 for MR), ``aliases`` (optional other names),
+- ``spacing_mm`` (float, optional): the in-plane spacing of the processed scans (one value for the whole dataset;
+  the SABS registry entry gives the typical value, its scans each keep 1.75 x their own),
 - ``n_sv`` (int, voxels, default 5000): mean size of the 3D supervoxels of ``pseudolabel --dim 3`` (the ADNet
   lineage's 5000 for abdominal scans, 1000 for cardiac MRI; docs/supervoxels.md).
 """
@@ -41,7 +43,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 _ALLOWED_KEYS = {
     "name", "modality", "data_dir", "labels", "eval_classes", "label_groups", "scan_ids", "folds",
-    "body_threshold", "aliases", "description", "n_sv",
+    "body_threshold", "aliases", "description", "n_sv", "spacing_mm",
 }
 #: Body mask of a processed scan: voxels above this raw intensity, by modality (the one source of these values:
 #: registry descriptions, the phantom, ``prepare`` and ``predict.py`` read them here). CT in 0..255 has air at 0;
@@ -91,6 +93,9 @@ class DatasetInfo:
         body_threshold: raw-intensity threshold of the pseudolabel body mask.
         source: the description file this came from.
         n_sv: mean 3D supervoxel size in voxels (``pseudolabel --dim 3``).
+        spacing_mm: in-plane spacing (mm) of the processed scans when the description states it: the one spacing of
+            a prepared folder, the registry's nominal value otherwise (SABS: typical, each scan keeps its own). The
+            spacing a checkpoint records is measured on its training scans (``preprocessing_record``).
     """
 
     name: str
@@ -105,6 +110,7 @@ class DatasetInfo:
     source: Path
     aliases: tuple[str, ...] = field(default=())
     n_sv: int = 5000
+    spacing_mm: float | None = None
 
     # ---------------------------------------------------------------- labels and groups
     @property
@@ -316,6 +322,10 @@ def parse_description(raw: dict[str, Any], source: Path) -> DatasetInfo:
     if not isinstance(n_sv, int) or isinstance(n_sv, bool) or n_sv < 1:
         raise _fail(source, f"'n_sv' must be a positive integer (voxels), got {n_sv!r}")
 
+    spacing = raw.get("spacing_mm")
+    if spacing is not None and (isinstance(spacing, bool) or not isinstance(spacing, (int, float)) or spacing <= 0):
+        raise _fail(source, f"'spacing_mm' must be a positive number of mm, got {spacing!r}")
+
     data_dir = Path(raw.get("data_dir", f"data/{name}"))
     if not data_dir.is_absolute():
         data_dir = REPO_ROOT / data_dir
@@ -324,6 +334,7 @@ def parse_description(raw: dict[str, Any], source: Path) -> DatasetInfo:
         name=name, modality=modality, labels=dict(sorted(labels.items())), eval_classes=eval_classes,
         label_groups=groups, data_dir=data_dir, scan_ids=scan_ids, folds_spec=folds,
         body_threshold=float(threshold), source=source, aliases=aliases, n_sv=n_sv,
+        spacing_mm=None if spacing is None else float(spacing),
     )
 
 

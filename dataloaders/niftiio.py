@@ -17,9 +17,9 @@ folder and is renamed when complete, so a crash never leaves a half-written file
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import re
-import struct
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -98,43 +98,51 @@ def check_gzip_complete(path: Path) -> bytes:
         raise DataFormatError(f"{path}: truncated or corrupt gzip stream ({err})") from None
 
 
-_NIFTI_FLOATS = {16: "f4", 64: "f8"}  # NIfTI datatype codes of float32 / float64
+def nifti_header(raw: bytes) -> Any:
+    """The NIfTI-2 or NIfTI-1 header at the start of ``raw`` (either byte order) as a nibabel header, or ``None``
+    when ``raw`` does not start with one (another format, or a file too short for a header)."""
+    import nibabel  # imported on first use: it is needed only when a NIfTI file is read
+
+    for klass in (nibabel.Nifti2Header, nibabel.Nifti1Header):  # NIfTI-2 by its size field, NIfTI-1 by its magic
+        if klass.may_contain_header(raw[:klass.sizeof_hdr]):
+            try:
+                return klass.from_fileobj(io.BytesIO(raw), check=False)
+            except (nibabel.spatialimages.HeaderDataError, ValueError):
+                return None
+    return None
 
 
 def check_nifti_finite(path: Path, raw: bytes) -> None:
     """Refuse a float NIfTI file holding NaN or infinite voxels.
 
     SimpleITK's NIfTI reader returns such voxels as 0 without a word, so the check reads the voxel bytes
-    themselves (NIfTI-1 and NIfTI-2 headers, either byte order). Other files are left alone.
+    themselves, where nibabel's header of the file (NIfTI-1 or NIfTI-2, either byte order) says they are. Other
+    files are left alone.
 
     Args:
         path: the file, named in the message.
         raw: its (decompressed) bytes.
 
     Raises:
-        DataFormatError: the count and the (z, y, x) index of the first non-finite voxel.
+        DataFormatError: the count and the (z, y, x) index of the first non-finite voxel, or voxel data shorter
+            than the header says.
     """
-    if len(raw) < 348:
+    import nibabel
+
+    header = nifti_header(raw)
+    if header is None or header.get_data_dtype().kind != "f":
         return
-    for order in "<>":
-        size = struct.unpack(f"{order}i", raw[:4])[0]
-        if size == 348:  # NIfTI-1: dim int16[8] at 40, datatype int16 at 70, vox_offset float32 at 108
-            dims = struct.unpack(f"{order}8h", raw[40:56])
-            code = struct.unpack(f"{order}h", raw[70:72])[0]
-            offset = int(struct.unpack(f"{order}f", raw[108:112])[0])
-            break
-        if size == 540 and len(raw) >= 540:  # NIfTI-2: datatype int16 at 12, dim int64[8] at 16, vox_offset at 168
-            code = struct.unpack(f"{order}h", raw[12:14])[0]
-            dims = struct.unpack(f"{order}8q", raw[16:80])
-            offset = int(struct.unpack(f"{order}q", raw[168:176])[0])
-            break
-    else:
+    try:
+        shape = tuple(int(d) for d in header.get_data_shape())
+    except nibabel.spatialimages.HeaderDataError:  # an invalid dim field: SimpleITK's reader will say so
         return
-    if code not in _NIFTI_FLOATS or not 1 <= dims[0] <= 7:
+    if not shape:
         return
-    shape = tuple(int(d) for d in dims[1:1 + dims[0]])
-    count = int(np.prod(shape))
-    values = np.frombuffer(raw, dtype=np.dtype(order + _NIFTI_FLOATS[code]), count=count, offset=offset)
+    dtype, offset, count = header.get_data_dtype(), int(header.get_data_offset()), int(np.prod(shape))
+    if offset + count * dtype.itemsize > len(raw):
+        raise DataFormatError(f"{path}: truncated, the header announces {count} voxels of {dtype.itemsize} bytes "
+                              f"from byte {offset} but the file holds {len(raw)} bytes")
+    values = np.frombuffer(raw, dtype=dtype, count=count, offset=offset)
     bad = ~np.isfinite(values)
     if bad.any():
         first = np.unravel_index(int(np.argmax(bad)), shape[::-1])  # file order: x fastest -> (.., z, y, x)

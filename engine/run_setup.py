@@ -1,4 +1,5 @@
-"""Run set-up shared by training.py and validation.py: device, run folder, fold, and the data checks before work.
+"""Run set-up shared by training.py and validation.py: config checks, device, run folder, fold, and the data checks
+before work.
 
 Each function reads the resolved Sacred config (a dict) and raises a short error naming the key, file or scan. The
 objects a run builds from its config (episode dataset, model) are in :mod:`engine.builders`; the torchrun helpers
@@ -7,6 +8,8 @@ in :mod:`util.distributed`.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +18,184 @@ from tqdm import tqdm
 
 from dataloaders import niftiio
 from dataloaders.dataset_info import DatasetInfo, Fold, get_dataset_info
+from engine.builders import OPTIMIZERS
+from engine.lr_schedule import LR_SCHEDULES
+from models.backbone import LITE_WIDTHS
 from util.distributed import DistContext
 from util.errors import ConfigError
+
+AMP_MODES = ("off", "bf16", "fp16")
+
+
+# ---------------------------------------------------------------------- config checks (before any work)
+def check_training_config(config: dict[str, Any]) -> None:
+    """Refuse, before a file is read or written, config values a training run cannot use: a closed choice
+    (``lr_schedule``, ``optim_type``, ``amp``) outside its choices, or a backbone option the backbone lacks.
+
+    Raises:
+        ConfigError: naming the key (and the key it contradicts).
+    """
+    for key, allowed in (("lr_schedule", LR_SCHEDULES), ("optim_type", OPTIMIZERS), ("amp", AMP_MODES)):
+        if config[key] not in allowed:
+            raise ConfigError(f"{key}={config[key]!r}: choose one of {list(allowed)}")
+    if config["modelname"] in LITE_WIDTHS:
+        starts_elsewhere = config["backbone_weights"] or config["reload_model_path"] or config["resume_from"]
+        if config["use_coco_init"] and not starts_elsewhere:
+            raise ConfigError(f"use_coco_init=True: modelname={config['modelname']!r} has no COCO weights; pass "
+                              f"use_coco_init=False (random init) or backbone_weights=<file>")
+        if config["build_unused_aspp"]:
+            raise ConfigError(f"build_unused_aspp=True: modelname={config['modelname']!r} has no ASPP head (only the "
+                              f"ResNet backbones do); drop build_unused_aspp")
+
+
+@dataclass(frozen=True)
+class KeyConflict:
+    """A config key that cannot act while another key (or the environment) holds some value.
+
+    Attributes:
+        key: the key that would be ignored (dotted for nested keys, e.g. ``optim.momentum``).
+        cause: the key that stops it; ``WORLD_SIZE`` stands for the number of torchrun processes.
+        blocks: ``view -> True`` when ``cause`` stops ``key`` (``view``: the config plus ``WORLD_SIZE``).
+        why: the reason, for the message.
+        inert: values of ``key`` that do nothing anyway (an empty list, a switch turned off): never reported.
+    """
+
+    key: str
+    cause: str
+    blocks: Callable[[dict[str, Any]], bool]
+    why: str
+    inert: tuple[Any, ...] = ()
+
+
+def _decaying_schedule(view: dict[str, Any]) -> bool:
+    return view["lr_schedule"] in ("cosine", "poly")
+
+
+def _no_observer(view: dict[str, Any]) -> bool:
+    return not view["use_file_observer"]
+
+
+#: Every pair of the config (config_ssl_upload.py) where one key cannot act under the other's value, in training.
+#: Keys that act in ``validation.py`` (``val_wsize``, ``eval_batch_size``, ``eval_classes``, ``n_sup_part``,
+#: ``z_margin``, ...) are not listed: the sweep and the examples pass the same words to both scripts.
+KEY_CONFLICTS: tuple[KeyConflict, ...] = (
+    KeyConflict("lr_milestones", "lr_schedule", _decaying_schedule,
+                "cosine and poly decay smoothly over n_steps, without milestones", inert=([],)),
+    KeyConflict("lr_step_gamma", "lr_schedule", _decaying_schedule,
+                "only the step schedule multiplies the lr by lr_step_gamma"),
+    KeyConflict("lr_step_gamma", "lr_milestones", lambda v: v["lr_schedule"] == "step" and not v["lr_milestones"],
+                "without a milestone the step schedule never decays the lr"),
+    KeyConflict("optim.momentum", "optim_type", lambda v: v["optim_type"] == "adamw",
+                "AdamW has no momentum term (its betas are torch's defaults)"),
+    KeyConflict("wce_bg_weight", "use_wce", lambda v: not v["use_wce"],
+                "the query cross-entropy is unweighted with use_wce=False"),
+    KeyConflict("border_fill", "which_aug", lambda v: v["which_aug"] == "none",
+                "without augmentation no slice is warped, so no border is filled"),
+    KeyConflict("aug_parity", "which_aug", lambda v: v["which_aug"] == "none",
+                "without augmentation there is no augmentation arithmetic to reproduce", inert=(False,)),
+    KeyConflict("exclusion_rule", "exclude_cls_list", lambda v: not v["exclude_cls_list"],
+                "no class is excluded (setting 1), so no slice is dropped by either rule"),
+    KeyConflict("multishot_proto", "n_shots", lambda v: v["n_shots"] == 1,
+                "one support scan has no prototypes of other shots to combine"),
+    KeyConflict("gpu_id", "device", lambda v: v["device"] != "auto",
+                "gpu_id picks the GPU only with device=auto"),
+    KeyConflict("gpu_id", "WORLD_SIZE", lambda v: v["WORLD_SIZE"] > 1,
+                "under torchrun each process uses the GPU of its local rank"),
+    KeyConflict("sync_bn", "WORLD_SIZE", lambda v: v["WORLD_SIZE"] == 1,
+                "SyncBatchNorm synchronises the processes of a torchrun (DDP) run; this is one process",
+                inert=(False,)),
+    KeyConflict("sync_bn", "modelname", lambda v: v["modelname"] in LITE_WIDTHS,
+                "the lite backbones use GroupNorm: there is no BatchNorm to synchronise", inert=(False,)),
+    KeyConflict("use_coco_init", "backbone_weights", lambda v: bool(v["backbone_weights"]),
+                "the encoder starts from backbone_weights", inert=(False,)),
+    KeyConflict("use_coco_init", "reload_model_path", lambda v: bool(v["reload_model_path"]),
+                "the whole model starts from reload_model_path", inert=(False,)),
+    KeyConflict("resume", "resume_from", lambda v: bool(v["resume_from"]),
+                "resume_from names the checkpoint the run continues from", inert=(False,)),
+    KeyConflict("reload_model_path", "resume_from", lambda v: bool(v["resume_from"]),
+                "a resumed run takes its weights from resume_from", inert=(None,)),
+    KeyConflict("path.log_dir", "use_file_observer", _no_observer, "no file observer writes there"),
+    KeyConflict("exp_prefix", "use_file_observer", _no_observer, "it only names the file observer's folder"),
+)
+
+
+def _lookup(config: dict[str, Any], dotted: str) -> Any:
+    value: Any = config
+    for part in dotted.split("."):
+        value = value[part]
+    return value
+
+
+def _shown(value: Any) -> str:
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def check_key_conflicts(config: dict[str, Any], updated_keys: Iterable[str], named_keys: Iterable[str] = (),
+                        world_size: int = 1) -> list[str]:
+    """Keys of :data:`KEY_CONFLICTS` that cannot act under the other keys' values.
+
+    A key the user set (``with key=value``, or ``config_updates``) that cannot act is an error; one a named config
+    set is a warning (the named config is a recipe, the user may override the key that blocks it); a default value
+    is neither (the defaults are the paper's and apply to every run). A value in the pair's ``inert`` values never
+    counts.
+
+    Args:
+        config: the resolved config.
+        updated_keys: the keys the user set (dotted paths).
+        named_keys: the keys a named config set (dotted paths).
+        world_size: processes of the run (``WORLD_SIZE`` under torchrun, else 1).
+
+    Returns:
+        One warning line per conflict of a named-config key.
+
+    Raises:
+        ConfigError: the user set a key that cannot act; the message names both keys of every such pair.
+    """
+    view = {**config, "WORLD_SIZE": world_size}
+    updated, named = set(updated_keys), set(named_keys)
+    errors: list[str] = []
+    warnings: list[str] = []
+    for pair in KEY_CONFLICTS:
+        value = _lookup(view, pair.key)
+        if value in pair.inert or not pair.blocks(view):
+            continue
+        text = (f"{pair.key}={_shown(value)} cannot act with {pair.cause}={_shown(_lookup(view, pair.cause))}: "
+                f"{pair.why}")
+        if pair.key in updated:
+            errors.append(text)
+        elif pair.key in named:
+            warnings.append(f"{text} (set by a named config; ignored)")
+    if errors:
+        raise ConfigError("; ".join(errors) + " (drop the ignored key, or change the key that blocks it)")
+    return warnings
+
+
+def config_sources(run: Any) -> tuple[set[str], set[str]]:
+    """The keys the user set and the keys named configs set, for :func:`check_key_conflicts`.
+
+    Sacred keeps the user's updates (``with key=value`` or ``ex.run(config_updates=...)``) in
+    ``run.meta_info["config_updates"]``; ``run.config_modifications`` lists every key that differs from the
+    default scope (the user's and the named configs'). Nested keys are dotted (``optim.lr``), with their parents.
+
+    Args:
+        run: the Sacred run (``_run``).
+
+    Returns:
+        (keys set by the user, keys set by named configs only).
+    """
+    user: set[str] = set()
+
+    def walk(tree: dict[str, Any], prefix: str) -> None:
+        for key, value in tree.items():
+            path = f"{prefix}{key}"
+            user.add(path)
+            if isinstance(value, dict) and value:
+                walk(value, f"{path}.")
+
+    walk(dict(run.meta_info.get("config_updates") or {}), "")
+    mods = run.config_modifications
+    changed = set(mods.added) | set(mods.modified) | set(mods.typechanged)
+    return user, changed - user
 
 
 # ---------------------------------------------------------------------- device and folders

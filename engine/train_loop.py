@@ -20,6 +20,7 @@ and a resumed run sees the episodes it would have seen (:class:`engine.builders.
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +45,15 @@ from engine.resume import (
     restore_scheduler_milestones,
     resume_history,
 )
-from engine.run_setup import check_training_data, resolve_device, resolve_fold, resolve_run_dir
+from engine.run_setup import (
+    check_key_conflicts,
+    check_training_config,
+    check_training_data,
+    config_sources,
+    resolve_device,
+    resolve_fold,
+    resolve_run_dir,
+)
 from engine.step_guard import StepGuard
 from engine.tensorboard_log import TensorBoardLog
 from engine.train_step import NonFiniteLossError, train_step
@@ -96,12 +105,17 @@ class RunState:
 
 
 def set_up_run(_run: Any, config: dict[str, Any], log: Any) -> RunState:
-    """Step 1: device, seeds, run folder, fold, data checks, dataset, model, optimiser and scheduler.
+    """Step 1: config checks, device, seeds, run folder, fold, data checks, dataset, model, optimiser, scheduler.
 
     Raises:
         ConfigError, DataFormatError, ...: a project error naming the key, file or scan, before any training.
     """
+    check_training_config(config)  # bad values and keys that cannot act: refused before any file is touched
+    user_keys, named_keys = config_sources(_run)
+    ignored = check_key_conflicts(config, user_keys, named_keys, int(os.environ.get("WORLD_SIZE", "1")))
     dist = setup_distributed()
+    for line in ignored if dist.rank == 0 else []:
+        log.warning(line)
     device = resolve_device(config, dist)
     seed_everything(config["seed"] + dist.rank)
     set_deterministic(config["deterministic"])
@@ -117,7 +131,7 @@ def set_up_run(_run: Any, config: dict[str, Any], log: Any) -> RunState:
     info, fold = resolve_fold(config)
     fold = split_off_val_scans(fold, config["val_scans"])  # val scans leave the training pool
     slice_counts = check_training_data(config, info, fold)  # per-slice class counts of the label files
-    preprocessing = preprocessing_record(config["data_dir"], info.name, info.modality)
+    preprocessing = preprocessing_record(config["data_dir"], info.name, info.modality, fold.train, info.spacing_mm)
     dataset = build_training_dataset(config, info, fold)
     exclusion = dataset_exclusion_record(dataset, slice_counts, info, config)  # from the data, not the config
     if dist.rank == 0:

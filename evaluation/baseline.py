@@ -20,7 +20,7 @@ import numpy as np
 from dataloaders.dataset_info import DatasetDescriptionError, DatasetInfo, get_dataset_info
 from dataloaders.niftiio import image_path, list_scan_ids, load_scan, read_volume, write_json
 from evaluation.ep1_alp import FoldResult, evaluate_fold
-from evaluation.tables import dice_table
+from evaluation.tables import dice_table, labelled_rows
 from models.intensity_baseline import IntensityBaseline
 from util.options import OptionParser, existing_dir, float_between, int_at_least
 
@@ -61,7 +61,8 @@ def run_baseline(info: DatasetInfo, data_dir: str | Path, fold: int, n_part: int
                          n_part=n_part, class_names=info.class_names)
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> OptionParser:
+    """The options of ``python -m evaluation.baseline`` (docs/cli.md)."""
     ap = OptionParser(prog="python -m evaluation.baseline",
                       description="EP1-ALP evaluation of the learning-free intensity baseline")
     ap.add_argument("--dataset", required=True, help="registry name (e.g. PHANTOM) or a description file")
@@ -73,6 +74,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--low-pct", type=float_between(0, 100), default=5.0)
     ap.add_argument("--high-pct", type=float_between(0, 100), default=95.0)
     ap.add_argument("--json", default=None, help="write the result JSON here")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command-line entry point: the Dice table of the baseline on one fold; a bad option exits with one ``error:``
+    line and code 2 before any work."""
+    ap = build_parser()
     args = ap.parse_args(argv)
     try:
         info = get_dataset_info(args.dataset)
@@ -87,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
                           IntensityBaseline(args.low_pct, args.high_pct))
     print(f"intensity baseline, EP1-ALP, {info.name} fold {args.fold}, support {result.support_ids}, "
           f"queries {result.query_ids}, n_part {args.n_part}, norm {args.norm}")
-    print(dice_table({"intensity baseline": result.to_json_dict()}, result.classes, info.class_names))
+    print(dice_table(labelled_rows({"intensity baseline": result.to_json_dict()}), result.classes, info.class_names))
     if args.json:
         out = {"dataset": info.name, "fold": args.fold, "norm": args.norm, "model": "intensity_baseline",
                "low_pct": args.low_pct, "high_pct": args.high_pct, **result.to_json_dict()}

@@ -32,6 +32,14 @@ from evaluation.metric import Metric
 
 PredictFn = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
+# What each Dice of results.json is (written into the file with them).
+DICE_DEFINITIONS = {
+    "dice": "3D Dice, the paper's: 2TP / (2TP + FP + FN) with the counts summed over the scored slices of a query "
+            "scan; class_dice averages it over the query scans, mean_dice averages each scan's class mean",
+    "dice_per_slice": "mean per-slice Dice: the 2D Dice of each scored slice where the prediction or the ground "
+                      "truth is non-empty, averaged over those slices, then over scans as the 3D Dice",
+}
+
 
 def part_positions(n_part: int) -> list[float]:
     """Relative positions of the chunk centres: p_j = 1/(2n) + j (1 - 1/n) / (n - 1); [0.5] for n = 1."""
@@ -103,6 +111,9 @@ class FoldResult:
         support_ids, query_ids, n_part, z_margin, class_names: the protocol's inputs.
         protocol: ``"ep1_alp"`` or ``"ep2"``.
         estimated_ranges: EP2 only: {(scan_id, class_id): (lo, hi)} query organ range estimated without GT.
+        z_ranges: EP2 only: {(scan_id, class_id): (predicted (lo, hi) or None, true (lo, hi))}: the slices the
+            final prediction and the ground truth span.
+        method: EP2 only: the whole-volume method (``registered``, ``atlas``, ``body``) and its options.
     """
 
     classes: list[int]
@@ -118,21 +129,36 @@ class FoldResult:
     class_names: dict[int, str] = field(default_factory=dict)
     protocol: str = "ep1_alp"
     estimated_ranges: dict[tuple[int, int], tuple[float, float]] = field(default_factory=dict)
+    z_ranges: dict[tuple[int, int], tuple[tuple[int, int] | None, tuple[int, int]]] = field(default_factory=dict)
+    method: str | None = None
+
+    def z_range_share(self, tolerance: int = 3) -> float | None:
+        """Share of the scored (query, class) pairs whose predicted z-range lies within ``tolerance`` slices of the
+        true range at both ends (an empty prediction counts as a miss); ``None`` without EP2 ranges."""
+        if not self.z_ranges:
+            return None
+        ok = [p is not None and abs(p[0] - t[0]) <= tolerance and abs(p[1] - t[1]) <= tolerance
+              for p, t in self.z_ranges.values()]
+        return float(np.mean(ok))
 
     @property
     def per_scan(self) -> dict[int, dict[int, dict[str, float]]]:
-        """{scan_id: {class_id: {dice, precision, recall, tp, fp, fn}}} for the scored pairs."""
+        """{scan_id: {class_id: {dice, dice_per_slice, precision, recall, tp, fp, fn}}} for the scored pairs."""
         ps = self.metrics["per_scan"]
         out: dict[int, dict[int, dict[str, float]]] = {}
         for i, s in enumerate(ps["scan_ids"]):
             for j, c in enumerate(ps["class_ids"]):
                 if (s, c) in self.scored:
-                    out.setdefault(s, {})[c] = {k: ps[k][i][j] for k in ("dice", "precision", "recall", "tp", "fp",
-                                                                         "fn")}
+                    out.setdefault(s, {})[c] = {k: ps[k][i][j] for k in ("dice", "dice_per_slice", "precision",
+                                                                         "recall", "tp", "fp", "fn")}
         return out
 
     def to_json_dict(self) -> dict[str, Any]:
-        """JSON-ready summary, mean first; class keys are id strings; fractions in [0, 1]; NaN written as null."""
+        """JSON-ready summary, mean first; class keys are id strings; fractions in [0, 1]; NaN written as null.
+
+        ``mean_dice``/``class_dice`` are the 3D Dice (the paper's), ``mean_dice_per_slice``/``class_dice_per_slice``
+        the mean per-slice Dice; ``dice_definitions`` says so in the file (:data:`DICE_DEFINITIONS`).
+        """
         m = self.metrics
 
         def by_class(d: dict[int, float]) -> dict[str, float | None]:
@@ -145,6 +171,9 @@ class FoldResult:
             "class_dice_std": by_class(m["class_dice_std"]),
             "class_precision": by_class(m["class_precision"]),
             "class_recall": by_class(m["class_recall"]),
+            "mean_dice_per_slice": _nan_to_none(m["mean_dice_per_slice"]),
+            "class_dice_per_slice": by_class(m["class_dice_per_slice"]),
+            "dice_definitions": dict(DICE_DEFINITIONS),
             "classes": list(self.classes),
             "class_names": {str(c): self.class_names.get(c, str(c)) for c in self.classes},
             "protocol": self.protocol, "n_part": self.n_part, "z_margin": self.z_margin,
@@ -155,7 +184,10 @@ class FoldResult:
             "skipped": [list(x) for x in self.skipped],
             "nan_entries": [list(x) for x in m["nan_entries"]],
             **({"estimated_ranges": {f"{q},{c}": [round(lo, 3), round(hi, 3)]
-                                     for (q, c), (lo, hi) in self.estimated_ranges.items()}}
+                                     for (q, c), (lo, hi) in self.estimated_ranges.items()},
+                "z_ranges": {f"{q},{c}": {"predicted": None if p is None else list(p), "true": list(t)}
+                             for (q, c), (p, t) in self.z_ranges.items()},
+                "z_range_within_3_slices": self.z_range_share(3), "method": self.method}
                if self.protocol == "ep2" else {}),
         }
 

@@ -1,9 +1,11 @@
-"""EP2: the query's whole volume is segmented, with no ground truth used to find where the organ is.
+"""EP2: the query's whole volume is segmented and scored, with no ground truth used to find where the organ is.
 
 EP1-ALP (:mod:`evaluation.ep1_alp`) takes the organ's slices from the query's labels; a user segmenting a new scan
-cannot. EP2 scores every slice of the query. The rule that places the support slices along the query is below
-(the project's definition: ADNet's pairing is not documented); ``predict.py`` and ``validation.py with
-protocol=ep2`` share it.
+cannot. EP2 scores every slice of the query: :func:`evaluate_fold_ep2` receives the segmenter from its caller
+(``validation.py`` builds it from ``prediction.volume.segment_volume``, the function ``predict.py`` uses), so the
+protocol and the own-scan path score exactly the same segmentation. The whole-volume methods are described in
+docs/protocols.md; this module also holds the previous release's rule, :func:`ep2_segment_class` (placement by the
+body's z-extent), which ``prediction.volume`` keeps as the ``body`` method.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from scipy import ndimage
@@ -24,8 +26,9 @@ from evaluation.metric import Metric
 #: S_fg - S_bg; foreground where > 0.
 MarginFn = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
-# -------------------------------------------------------------------- EP2: whole volume, no ground-truth localisation
-# Project definition of EP2 (docs/method.md#ep2; ADNet's pairing is unknown; this rule is ours and labelled as such):
+# -------------------------------------------------------------------- the previous release's body-extent rule
+# (the ``body`` method of prediction.volume); the project's own rule (docs/method.md#ep2; ADNet's pairing is not
+# documented):
 #
 # 1. support slices as in EP1-ALP: the n_part chunk centres of each support scan's organ slices;
 # 2. the organ's z-extent in each support scan is expressed relative to that scan's BODY z-extent,
@@ -206,55 +209,71 @@ def ep2_segment_class(margin: MarginFn, supports: Sequence[SupportScan], query_i
     return ClassSegmentation(mask=mask, margin=out, support_slices=chosen, estimated_range=(lo, hi))
 
 
-def evaluate_fold_ep2(predict: Any, images: dict[int, np.ndarray], labels: dict[int, np.ndarray],
-                      bodies: dict[int, np.ndarray], support_ids: list[int], query_ids: list[int],
-                      classes: list[int], n_part: int = 3, keep_largest: bool = True,
-                      class_names: dict[int, str] | None = None, progress: bool = False) -> FoldResult:
-    """Run EP2 on one fold: :func:`ep2_segment_class` on each whole query, scored over all its slices.
+class WholeVolumeClass(Protocol):
+    """What EP2 reads of one class of a whole-volume segmentation (``prediction.volume.ClassResult``)."""
+
+    estimated_range: tuple[float, float]
+    support_slices: list[list[int]]
+
+
+class WholeVolumeSegmentation(Protocol):
+    """What EP2 reads of a whole-volume segmentation (``prediction.volume.VolumeSegmentation``): ``labels``
+    (Z, H, W) int with the class ids, and per class its estimated range and support slices."""
+
+    labels: np.ndarray
+    classes: dict[int, WholeVolumeClass]
+
+
+def evaluate_fold_ep2(segment: Callable[[int], WholeVolumeSegmentation], labels: dict[int, np.ndarray],
+                      support_ids: list[int], query_ids: list[int], classes: list[int], n_part: int = 3,
+                      class_names: dict[int, str] | None = None, method: str | None = None,
+                      progress: bool = False) -> FoldResult:
+    """Run EP2 on one fold: every query segmented as a whole (all classes in one decision), scored over all its
+    slices; no query label is used to segment it.
 
     Args:
-        predict: a predictor with the ``PredictFn`` signature (``logits`` used when present, :func:`margin_fn`).
-        images, labels: as in :func:`evaluate_fold`; query labels are used for scoring only.
-        bodies: scan id -> (Z, H, W) bool body mask (the processed ``fgmask``), for supports and queries.
+        segment: query scan id -> its whole-volume segmentation of ``classes`` (the segmenter is built by the
+            caller, ``validation.py``, from ``prediction.volume.segment_volume``; a layer above this one).
+        labels: scan id -> (Z, H, W) integer labels of the queries (for scoring only).
         support_ids, query_ids, classes, n_part, class_names, progress: as in :func:`evaluate_fold`.
-        keep_largest: the connected-component step.
+        method: the whole-volume method's description, recorded in the result.
+
+    Returns:
+        A :class:`FoldResult` with ``protocol="ep2"``, the estimated ranges and, per scored (query, class), the
+        predicted and true z-ranges (:meth:`FoldResult.z_range_share`).
 
     Raises:
-        ValueError: a scan or body mask is missing, a support lacks a class, or a body mask is empty.
+        ValueError: a query is missing from ``labels``, or the segmentation has another shape than its label.
     """
-    for sid in list(support_ids) + list(query_ids):
-        if sid not in images or sid not in labels or sid not in bodies:
-            raise ValueError(f"scan {sid} is missing from the images, labels or body masks given to EP2")
-        if not images[sid].shape == labels[sid].shape == bodies[sid].shape:
-            raise ValueError(f"scan {sid}: image {images[sid].shape}, label {labels[sid].shape} and body mask "
-                             f"{bodies[sid].shape} differ in shape")
-    fn = margin_fn(predict)
-    supports = [SupportScan(images[s], labels[s], bodies[s]) for s in support_ids]
+    for q in query_ids:
+        if q not in labels:
+            raise ValueError(f"scan {q} is missing from the labels given to EP2")
     metric = Metric()
     predictions: dict[tuple[int, int], np.ndarray] = {}
     chosen: dict[int, dict[int, list[int]]] = {}
     scored: dict[tuple[int, int], tuple[int, int]] = {}
     ranges: dict[tuple[int, int], tuple[float, float]] = {}
+    z_ranges: dict[tuple[int, int], tuple[tuple[int, int] | None, tuple[int, int]]] = {}
     skipped: list[tuple[int, int]] = []
-    bar = tqdm(total=len(classes) * len(query_ids), desc="EP2", unit="scan", disable=not progress)
-    for c in classes:
-        for q in query_ids:
-            bar.update()
-            if class_z_range(labels[q], c) is None:
+    for q in tqdm(query_ids, desc="EP2", unit="scan", disable=not progress):
+        seg = segment(q)
+        if seg.labels.shape != labels[q].shape:
+            raise ValueError(f"EP2, query scan {q}: segmentation shape {seg.labels.shape} != label shape "
+                             f"{labels[q].shape}")
+        for c in classes:
+            true_range = class_z_range(labels[q], c)
+            if true_range is None:
                 warnings.warn(f"query scan {q} holds no slice of class {c}: skipped (not scored)", stacklevel=2)
                 skipped.append((q, c))
                 continue
-            try:
-                seg = ep2_segment_class(fn, supports, images[q], bodies[q], c, n_part, keep_largest)
-            except ValueError as err:
-                raise ValueError(f"EP2, query scan {q}, class {c}: {err}") from None
-            chosen[c] = dict(zip(support_ids, seg.support_slices))
-            metric.record(seg.mask, labels[q] == c, q, c)
-            predictions[(q, c)] = seg.mask.astype(np.uint8)
+            mask = seg.labels == c
+            metric.record(mask, labels[q] == c, q, c)
+            predictions[(q, c)] = mask.astype(np.uint8)
             scored[(q, c)] = (0, labels[q].shape[0] - 1)
-            ranges[(q, c)] = seg.estimated_range
-    bar.close()
+            ranges[(q, c)] = tuple(float(v) for v in seg.classes[c].estimated_range)
+            chosen.setdefault(c, {}).update(zip(support_ids, seg.classes[c].support_slices))
+            z_ranges[(q, c)] = (class_z_range(mask, 1), true_range)
     return FoldResult(classes=list(classes), metrics=metric.aggregate(), predictions=predictions,
                       support_slices=chosen, scored=scored, skipped=skipped, support_ids=list(support_ids),
                       query_ids=list(query_ids), n_part=n_part, z_margin=0, class_names=dict(class_names or {}),
-                      protocol="ep2", estimated_ranges=ranges)
+                      protocol="ep2", estimated_ranges=ranges, z_ranges=z_ranges, method=method)

@@ -1,12 +1,18 @@
-"""The one metric API (record, aggregate, reset; MONAI's life cycle): per-scan 3D Dice, precision and recall,
-aggregated per fold (docs/method.md#metrics).
+"""The one metric API (record, aggregate, reset; MONAI's life cycle): per-scan 3D Dice, precision and recall, and
+the mean per-slice Dice, aggregated per fold (docs/method.md#metrics).
 
 Life cycle: :meth:`Metric.record` once or several times per (scan, class) (e.g. once per chunk of slices; the
 counts add up), then :meth:`Metric.aggregate`, then :meth:`Metric.reset`.
 
 Conventions:
 
-- Counts TP, FP, FN are summed over every recorded slice of a (scan, class): a 3D metric.
+- Counts TP, FP, FN are summed over every recorded slice of a (scan, class): a 3D metric. This is the paper's
+  Dice (``dice``, ``class_dice``, ``mean_dice``).
+- The mean per-slice Dice (``dice_per_slice``, ``class_dice_per_slice``, ``mean_dice_per_slice``) is the 2D Dice
+  of each recorded slice (axis 0 of ``pred``), averaged over the slices where the prediction or the ground truth
+  is non-empty (a slice with both empty has no Dice), then aggregated over scans like the 3D Dice. It weighs a
+  small organ section as much as a large one, so it is lower than the 3D Dice when the organ's ends are missed;
+  papers that report "Dice" per 2D slice mean this one.
 - Dice = 2TP / (2TP + FP + FN); precision = TP / (TP + FP); recall = TP / (TP + FN).
 - A ratio whose denominator is 0 is NaN: Dice with an empty prediction *and* an empty ground truth, precision
   with an empty prediction, recall with an empty ground truth. NaN entries are left out of every mean and
@@ -42,6 +48,31 @@ def recall(tp: Any, fn: Any) -> np.ndarray:
     return _ratio(tp, np.asarray(tp, np.float64) + np.asarray(fn))
 
 
+def slice_counts(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
+    """TP, FP, FN of each slice: an (n_slices, 3) int64 array.
+
+    Args:
+        pred, gt: binary masks of one shape; axis 0 is the slice axis for 3D input (``(Z, H, W)``), a 2D input
+            ``(H, W)`` is one slice.
+    """
+    if pred.shape != gt.shape:
+        raise ValueError(f"prediction shape {pred.shape} != ground truth shape {gt.shape}")
+    p, g = np.asarray(pred, bool), np.asarray(gt, bool)
+    if p.ndim < 3:
+        p, g = p[None], g[None]
+    p, g = p.reshape(p.shape[0], -1), g.reshape(g.shape[0], -1)
+    tp = np.count_nonzero(p & g, axis=1)
+    return np.stack([tp, np.count_nonzero(p, axis=1) - tp, np.count_nonzero(g, axis=1) - tp], axis=1).astype(np.int64)
+
+
+def mean_slice_dice(counts: np.ndarray) -> float:
+    """Mean of the per-slice Dice over the slices of ``counts`` ((n, 3) TP, FP, FN) where it is defined; NaN when
+    no slice has a non-empty prediction or ground truth."""
+    per_slice = dice(counts[:, 0], counts[:, 1], counts[:, 2]) if len(counts) else np.zeros(0)
+    defined = per_slice[~np.isnan(per_slice)]
+    return float(defined.mean()) if defined.size else float("nan")
+
+
 def _nan_stats(a: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
     """Mean and population std over ``axis`` ignoring NaN; all-NaN slices give NaN without a warning."""
     n = np.sum(~np.isnan(a), axis=axis)
@@ -57,10 +88,12 @@ class Metric:
 
     def __init__(self) -> None:
         self.counts: dict[tuple[int, int], np.ndarray] = {}
+        self.slices: dict[tuple[int, int], list[np.ndarray]] = {}  # per-slice (n, 3) counts, in recording order
 
     def reset(self) -> None:
         """Forget every recorded count."""
         self.counts.clear()
+        self.slices.clear()
 
     def record(self, pred: np.ndarray, gt: np.ndarray, scan_id: int, class_id: int) -> None:
         """Add the counts of one binary prediction against its ground truth.
@@ -73,11 +106,10 @@ class Metric:
         """
         if pred.shape != gt.shape:
             raise ValueError(f"scan {scan_id}, class {class_id}: prediction shape {pred.shape} != gt {gt.shape}")
-        p, g = np.asarray(pred, bool), np.asarray(gt, bool)
-        tp = int(np.count_nonzero(p & g))
-        add = np.array([tp, int(np.count_nonzero(p)) - tp, int(np.count_nonzero(g)) - tp], np.int64)
+        per_slice = slice_counts(pred, gt)
         key = (int(scan_id), int(class_id))
-        self.counts[key] = self.counts.get(key, np.zeros(3, np.int64)) + add
+        self.counts[key] = self.counts.get(key, np.zeros(3, np.int64)) + per_slice.sum(axis=0)
+        self.slices.setdefault(key, []).append(per_slice)
 
     def aggregate(self) -> dict[str, Any]:
         """Scores over the recorded scans.
@@ -86,8 +118,11 @@ class Metric:
             ``class_dice``, ``class_precision``, ``class_recall`` ({class_id: mean over scans}),
             ``class_dice_std`` (population std over scans), ``mean_dice`` (mean over scans of each scan's class
             mean), ``mean_dice_std``, ``mean_precision``, ``mean_recall`` (same rule), ``per_scan`` (the raw
-            matrices: ``scan_ids``, ``class_ids``, and scan x class lists ``dice``, ``precision``, ``recall``,
-            ``tp``, ``fp``, ``fn``; NaN where not recorded), and ``nan_entries`` ([(scan, class, metric)]).
+            matrices: ``scan_ids``, ``class_ids``, and scan x class lists ``dice``, ``dice_per_slice``,
+            ``precision``, ``recall``, ``tp``, ``fp``, ``fn``; NaN where not recorded), and ``nan_entries``
+            ([(scan, class, metric)]). ``class_dice_per_slice``, ``class_dice_per_slice_std``,
+            ``mean_dice_per_slice`` and ``mean_dice_per_slice_std`` are the mean per-slice Dice, aggregated by the
+            same rules.
         """
         scans = sorted({s for s, _ in self.counts})
         classes = sorted({c for _, c in self.counts})
@@ -95,7 +130,11 @@ class Metric:
         for (s, c), v in self.counts.items():
             cnt[scans.index(s), classes.index(c)] = v
         tp, fp, fn = cnt[..., 0], cnt[..., 1], cnt[..., 2]
-        scores = {"dice": dice(tp, fp, fn), "precision": precision(tp, fp), "recall": recall(tp, fn)}
+        per_slice = np.full((len(scans), len(classes)), np.nan)
+        for (s, c), parts in self.slices.items():
+            per_slice[scans.index(s), classes.index(c)] = mean_slice_dice(np.concatenate(parts))
+        scores = {"dice": dice(tp, fp, fn), "dice_per_slice": per_slice, "precision": precision(tp, fp),
+                  "recall": recall(tp, fn)}
         out: dict[str, Any] = {}
         for name, mat in scores.items():
             per_class, per_class_std = _nan_stats(mat, axis=0)

@@ -7,6 +7,11 @@ Writes ``<out>.md``, ``<out>.json`` and one figure per dataset, ``<out>_<dataset
 with the published SSL-ALPNet values marked, :mod:`evaluation.summary_figure`). Label groups of one fold are merged
 (group 0 gives the kidneys, group 1 liver and spleen); an organ found twice for the same fold/setting (e.g. an
 evaluation run twice) is an error.
+
+The printed table gives, per dataset and setting, every organ's Dice per fold and its mean ± std over folds next to
+the published SSL-ALPNet value (:mod:`evaluation.published`), with a column saying which were re-run here (the
+published organs that no results.json holds are listed as not re-run); a last table lists every published setting
+with its mean here, if any.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from dataloaders.niftiio import write_json
+from evaluation.published import PUBLISHED_SSL_ALPNET, published
 from evaluation.summary_figure import write_figures
 from util.errors import ProjectError
 from util.options import OptionParser, existing_dir
@@ -77,7 +83,8 @@ def summarize(results: list[tuple[Path, dict[str, Any]]], use_baseline: bool = F
         summary[f"{dataset} setting {setting}"] = {
             "dataset": dataset, "setting": setting, "organs": rows,
             "mean": _mean([r["mean"] for r in rows.values()]), "std": _std(fold_means),
-            "n_folds": len(folds),
+            "n_folds": len(folds), "fold_means": dict(zip(folds, fold_means)),
+            "published": published(dataset, setting),  # Dice in % (empty when none was published)
         }
     return summary
 
@@ -93,26 +100,95 @@ def _std(vals: list[float]) -> float:
     return math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1))
 
 
+def _pct(x: float | None) -> str:
+    return "-" if x is None or math.isnan(x) else f"{100 * x:.2f}"
+
+
+def _folds_text(folds: list[int]) -> str:
+    return f"fold{'s' if len(folds) > 1 else ''} " + ", ".join(str(f) for f in folds)
+
+
+def block_table(block: dict[str, Any]) -> list[str]:
+    """The Markdown table of one dataset/setting: organ rows and a mean row; per-fold Dice, mean ± std (%) over
+    the folds run here, the published value and whether (and on which folds) it was re-run here."""
+    ref = block.get("published") or published(block["dataset"], block["setting"])
+    ref_organs = [o for o in ref if o != "mean"]
+    organs = ref_organs + [o for o in block["organs"] if o not in ref_organs]  # the paper's order first
+    folds = sorted({int(f) for r in block["organs"].values() for f in r["folds"]})
+    lines = ["| organ | " + " | ".join(f"fold {f}" for f in folds) + " | mean ± std (here) | published SSL-ALPNet "
+             "| re-run here |", "|" + "---|" * (len(folds) + 4)]
+    for organ in organs:
+        row = block["organs"].get(organ)
+        published_cell = f"{ref[organ]:.2f}" if organ in ref else "-"
+        if row is None:
+            cells = ["-"] * len(folds) + ["-", published_cell, "no"]
+        else:
+            by_fold = {int(f): v for f, v in row["folds"].items()}
+            cells = [_pct(by_fold.get(f)) for f in folds]
+            cells += [f"{_pct(row['mean'])} ± {_pct(row['std'])}", published_cell,
+                      f"yes: {_folds_text(sorted(by_fold))}"]
+        lines.append(f"| {organ} | " + " | ".join(cells) + " |")
+    fold_means = {int(f): v for f, v in block.get("fold_means", {}).items()}
+    run = [o for o in ref_organs if o in block["organs"]]
+    if not ref_organs:
+        status = f"yes: {block['n_folds']} complete folds (nothing published)"
+    elif len(run) == len(ref_organs):
+        status = f"yes: {len(run)} of {len(ref_organs)} organs, {block['n_folds']} complete folds"
+    else:
+        status = f"partial: {len(run)} of {len(ref_organs)} organs (means not comparable)"
+    cells = [_pct(fold_means.get(f)) for f in folds]
+    cells += [f"{_pct(block['mean'])} ± {_pct(block['std'])}", f"{ref['mean']:.2f}" if "mean" in ref else "-", status]
+    lines.append("| **mean** | " + " | ".join(cells) + " |")
+    return lines
+
+
+def published_overview(summary: dict[str, Any]) -> list[str]:
+    """One row per published dataset/setting (and per one run here without a published value): the published mean
+    Dice, the mean here and whether it was re-run here."""
+    here = {(b["dataset"], int(b["setting"])): b for b in summary.values()}
+    lines = ["| dataset | setting | published SSL-ALPNet mean | mean here | re-run here |", "|---|---|---|---|---|"]
+    for key in list(PUBLISHED_SSL_ALPNET) + sorted(k for k in here if k not in PUBLISHED_SSL_ALPNET):
+        block = here.get(key)
+        ref = PUBLISHED_SSL_ALPNET.get(key, {})
+        mean = "-" if block is None else f"{_pct(block['mean'])} ({block['n_folds']} complete folds)"
+        if block is None:
+            status = "no"
+        else:
+            organs = [o for o in ref if o != "mean"]
+            run = [o for o in organs if o in block["organs"]]
+            status = "yes (not published)" if not organs else "yes" if len(run) == len(organs) else \
+                f"partial: {len(run)} of {len(organs)} organs"
+        lines.append(f"| {key[0]} | {key[1]} | {ref['mean']:.2f} | {mean} | {status} |" if "mean" in ref
+                     else f"| {key[0]} | {key[1]} | - | {mean} | {status} |")
+    return lines
+
+
 def to_markdown(summary: dict[str, Any]) -> str:
-    """One Markdown table per dataset/setting: Dice (%) mean ± std over folds."""
+    """One Markdown table per dataset/setting (:func:`block_table`: Dice (%) per fold, mean ± std over folds, the
+    published value, re-run here or not), then the overview of the published settings."""
     parts = []
     for title, block in summary.items():
-        organs = list(block["organs"])
-        parts.append(f"### {title} ({block['n_folds']} complete folds)\n")
-        parts.append("| " + " | ".join(organs) + " | mean |")
-        parts.append("|" + "---|" * (len(organs) + 1))
-        cells = [f"{100 * block['organs'][o]['mean']:.2f} ± {100 * block['organs'][o]['std']:.2f}" for o in organs]
-        parts.append("| " + " | ".join(cells) + f" | {100 * block['mean']:.2f} ± {100 * block['std']:.2f} |\n")
-    return "\n".join(parts)
+        parts.append(f"### {title} ({block['n_folds']} complete folds), Dice (%)\n")
+        parts += block_table(block)
+        parts.append("")
+    parts.append("### Published SSL-ALPNet settings (ECCV'20 Table 1), mean Dice (%)\n")
+    parts += published_overview(summary)
+    return "\n".join(parts) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> OptionParser:
+    """The options of ``python -m evaluation.summarize`` (docs/cli.md)."""
     parser = OptionParser(prog="python -m evaluation.summarize", description=__doc__,
                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", type=existing_dir, help="folder searched recursively for results.json")
     parser.add_argument("--out", type=Path, default=None, help="output prefix (default <runs>/summary)")
     parser.add_argument("--baseline", action="store_true", help="summarise the intensity baseline instead")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point: 0 when the table is written, 2 on a bad option or inconsistent result files."""
+    args = build_parser().parse_args(argv)
     try:
         summary = summarize(collect(args.runs), use_baseline=args.baseline)
     except SummaryError as err:

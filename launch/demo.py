@@ -7,10 +7,11 @@
 3. train ALPNet with the ``demo`` config (``python training.py with demo ...``);
 4. evaluate fold 0 on all four organs next to the intensity baseline (``python validation.py with demo ...``);
 5. print the table; results in ``<out>/results.json``, a training curve in ``<out>/training_curve.png``;
-6. own-scans check: export fold 0's two queries to a scanner-like raw geometry (512x512, 0.7 mm, RAS-stored
-   NIfTI: x and y flipped against the processed grid), segment them with ``predict.py`` from the fold's support
-   scan, and print their Dice next to the Dice of the same scans given in the processed format
-   (``<out>/predict_foreign/report.html``, ``<out>/predict_processed/report.html``).
+6. own scans: export fold 0's two queries to a scanner-like raw geometry (512x512, 0.7 mm, RAS-stored NIfTI: x
+   and y flipped against the processed grid), segment them with ``predict.py`` from the fold's support scan with
+   each whole-volume method (``registered``, the default; ``atlas``; ``body``, the previous rule) and print their
+   Dice side by side with EP1-ALP's, then the default on the processed-format copies
+   (``<out>/predict_<method>/report.html``).
 Each step prints the command that repeats it.
 """
 
@@ -23,6 +24,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -112,11 +114,14 @@ def export_foreign(data_dir: Path, scan_id: int, out_dir: Path) -> tuple[Path, P
     return paths[0], paths[1]
 
 
-def foreign_geometry_check(out: Path, data_dir: Path, checkpoint: Path, queries: list[int], support: int) -> float:
-    """Step 6: ``predict.py`` on exported (foreign-geometry) and processed-format copies of the same queries.
+def own_scan_methods(out: Path, data_dir: Path, checkpoint: Path, queries: list[int], support: int,
+                     ep1: dict[str, Any]) -> dict[str, float]:
+    """Step 6: ``predict.py`` on fold 0's queries exported to a foreign geometry, with each whole-volume method, next
+    to EP1-ALP (which picks the query's slices from its labels); then the default method on the processed-format
+    copies of the same scans (the geometry round trip must not change the Dice).
 
     Returns:
-        The difference of the mean Dice, foreign minus processed.
+        Mean Dice per row: ``ep1_alp``, each method on the foreign copies, and ``registered_processed``.
     """
     info = get_dataset_info("PHANTOM")
     classes = ",".join(f"{info.labels[c]}={c}" for c in info.eval_classes)
@@ -124,23 +129,32 @@ def foreign_geometry_check(out: Path, data_dir: Path, checkpoint: Path, queries:
     common = [sys.executable, "predict.py", "--checkpoint", str(checkpoint), "--classes", classes,
               "--support-image", str(niftiio.image_path(data_dir, support)),
               "--support-label", str(niftiio.label_path(data_dir, support)), "--device", "cpu"]
-    runs = {"foreign": ([str(i) for i, _ in exported], [str(lb) for _, lb in exported]),
-            "processed": ([str(niftiio.image_path(data_dir, q)) for q in queries],
-                          [str(niftiio.label_path(data_dir, q)) for q in queries])}
-    dice: dict[str, list[float]] = {}
-    for name, (imgs, labels) in runs.items():
-        run([*common, "--query", *imgs, "--query-label", *labels, "--out", str(out / f"predict_{name}")])
-        summary = json.loads((out / f"predict_{name}" / "predictions.json").read_text())
-        dice[name] = [np.mean([c["dice"] if c["dice"] is not None else np.nan for c in q["classes"].values()])
-                      for q in summary["queries"].values()]
-    print("| scan | processed format (256x256, 1.25 mm) | foreign geometry (512x512, 0.7 mm, RAS) |")
-    print("|---|---|---|")
-    for q, d_p, d_f in zip(queries, dice["processed"], dice["foreign"]):
-        print(f"| {q} | {d_p:.3f} | {d_f:.3f} |")
-    diff = float(np.mean(dice["foreign"]) - np.mean(dice["processed"]))
-    print(f"predict.py mean Dice: processed {np.mean(dice['processed']):.3f}, foreign {np.mean(dice['foreign']):.3f} "
-          f"(difference {diff:+.3f}) | report: {out / 'predict_foreign' / 'report.html'}")
-    return diff
+    foreign = ([str(i) for i, _ in exported], [str(lb) for _, lb in exported])
+    processed = ([str(niftiio.image_path(data_dir, q)) for q in queries],
+                 [str(niftiio.label_path(data_dir, q)) for q in queries])
+    names = [info.labels[c] for c in info.eval_classes]
+    rows: dict[str, dict[str, float]] = {"ep1_alp": {n: ep1["class_dice"][str(c)] for n, c in
+                                                     zip(names, info.eval_classes)}}
+    for name, method, (imgs, labels) in (("registered", "registered", foreign), ("atlas", "atlas", foreign),
+                                         ("body", "body", foreign),
+                                         ("registered_processed", "registered", processed)):
+        folder = out / f"predict_{name}"
+        run([*common, "--method", method, "--query", *imgs, "--query-label", *labels, "--out", str(folder)])
+        summary = json.loads((folder / "predictions.json").read_text())
+        rows[name] = {n: float(np.nanmean([q["classes"][n]["dice"] if q["classes"][n]["dice"] is not None
+                                           else np.nan for q in summary["queries"].values()])) for n in names}
+    titles = {"ep1_alp": "EP1-ALP (slices picked with the query's labels)",
+              "registered": "registered (default, no query label)", "atlas": "atlas (registration alone)",
+              "body": "body (the previous rule)", "registered_processed": "registered, processed-format copies"}
+    print("| method (predict.py, foreign geometry) | " + " | ".join(names) + " | mean |")
+    print("|" + "---|" * (len(names) + 2))
+    means = {}
+    for key, row in rows.items():
+        means[key] = float(np.nanmean(list(row.values())))
+        print(f"| {titles[key]} | " + " | ".join(f"{row[n]:.3f}" for n in names) + f" | {means[key]:.3f} |")
+    print(f"geometry round trip: foreign minus processed {means['registered'] - means['registered_processed']:+.3f} "
+          f"| report: {out / 'predict_registered' / 'report.html'}")
+    return means
 
 
 def run(cmd: list[str]) -> None:
@@ -177,7 +191,8 @@ def plot_curve(run_dir: Path) -> Path | None:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> OptionParser:
+    """The options of ``python -m launch.demo`` (docs/cli.md)."""
     parser = OptionParser(prog="python -m launch.demo", description=__doc__,
                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/demo"))
@@ -185,7 +200,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int_at_least(1), default=None, help="override the demo config's n_steps")
     parser.add_argument("--workers", type=int_at_least(1), default=os.cpu_count() or 1)
     parser.add_argument("--skip-training", action="store_true", help="only prepare and summarise the data")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """What ``make demo`` runs; a bad option exits with one ``error:`` line and code 2 before any work."""
+    args = build_parser().parse_args(argv)
 
     t0 = time.perf_counter()
     prep_s = prepare_phantom(args.data_dir, args.workers)
@@ -215,8 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"ALPNet mean Dice {res['mean_dice']:.3f} | intensity baseline {res['baseline']['mean_dice']:.3f} | "
           f"training {train_s:.0f} s | total {total:.0f} s")
     print(f"results: {args.out / 'results.json'}" + (f" | curve: {curve}" if curve else ""))
-    _step("own scans: predict.py on fold 0's queries exported to a foreign geometry, from the fold's support scan")
-    foreign_geometry_check(args.out, args.data_dir, final, list(res["query_scans"]), int(res["support_scans"][0]))
+    _step("own scans: predict.py on fold 0's queries exported to a foreign geometry, from the fold's support scan, "
+          "with each whole-volume method")
+    own_scan_methods(args.out, args.data_dir, final, list(res["query_scans"]), int(res["support_scans"][0]), res)
     print(f"demo total {time.perf_counter() - t0:.0f} s")
     return 0
 

@@ -7,6 +7,7 @@ whose output goes to the run's ``train.log`` / ``test.log``. Layout and rules: d
 
 from __future__ import annotations
 
+import ast
 import os
 import re
 import subprocess
@@ -27,13 +28,26 @@ class SweepError(ProjectError, ValueError):
 
 @dataclass(frozen=True)
 class Run:
-    """One training of ``dataset`` (setting, label group ``train_set``, fold) and its tests on ``test_sets``."""
+    """One training of ``dataset`` (setting, label group ``train_set``, fold) and its tests on ``test_sets``.
+
+    ``dataset`` is the dataset's name (the folder under ``<out>``); ``dataset_file`` the absolute path of its
+    description file, or ``None`` for a registry dataset.
+    """
 
     dataset: str
     setting: int
     train_set: int
     fold: int
     test_sets: tuple[int, ...]
+    dataset_file: str | None = None
+
+    def dataset_words(self) -> list[str]:
+        """The words after ``with`` that select the dataset: a registry dataset's named config (its support scan)
+        and ``dataset=<name>``; a description file as ``dataset=<file>`` (Sacred would take a bare file name for a
+        named config). A ``key=value`` update outranks named configs, so ``with demo`` cannot switch the dataset."""
+        if self.dataset_file is not None:
+            return [f"dataset={self.dataset_file}"]
+        return [self.dataset, f"dataset={self.dataset}"]
 
     @property
     def name(self) -> str:
@@ -50,15 +64,21 @@ class Run:
         return all((self.test_dir(out, g) / "results.json").is_file() for g in self.test_sets)
 
 
-def plan_runs(dataset: str, settings: Sequence[int], folds: Sequence[int], label_sets: Sequence[int]) -> list[Run]:
-    """The runs of a sweep, fold-major (fold 0 of every setting first, so early results cover every setting)."""
+def plan_runs(dataset: str, settings: Sequence[int], folds: Sequence[int], label_sets: Sequence[int],
+              dataset_file: str | None = None) -> list[Run]:
+    """The runs of a sweep, fold-major (fold 0 of every setting first, so early results cover every setting).
+
+    Args:
+        dataset: the dataset's name.
+        dataset_file: the absolute path of its description file (``None``: a registry dataset).
+    """
     runs = []
     for k in folds:
         for s in settings:
             if s == 1:
-                runs.append(Run(dataset, 1, 0, k, tuple(label_sets)))
+                runs.append(Run(dataset, 1, 0, k, tuple(label_sets), dataset_file))
             else:
-                runs.extend(Run(dataset, 2, g, k, (g,)) for g in label_sets)
+                runs.extend(Run(dataset, 2, g, k, (g,), dataset_file) for g in label_sets)
     return runs
 
 
@@ -74,13 +94,42 @@ def parse_folds(items: Sequence[str]) -> list[int]:
     return folds
 
 
-def parse_devices(text: str) -> list[str]:
-    """``"0,1"`` -> ["0", "1"] (GPU indices); ``"cpu,cpu"`` -> ["cpu", "cpu"]."""
+def parse_devices(text: str, n_gpus: int | None = None) -> list[str]:
+    """``"0,1"`` -> ["0", "1"] (GPU indices); ``"cpu,cpu"`` -> ["cpu", "cpu"].
+
+    Args:
+        text: the ``--devices`` value.
+        n_gpus: the machine's CUDA device count; GPU indices must be below it (``None``: not checked).
+
+    Raises:
+        SweepError: an entry that is neither ``cpu`` nor an index, or an index the machine does not have.
+    """
     devices = [d.strip() for d in text.split(",")]
     for d in devices:
         if d != "cpu" and not d.isdigit():
             raise SweepError(f"--devices: {d!r} is neither 'cpu' nor a GPU index (e.g. --devices 0,1 or cpu,cpu)")
+    gpus = sorted({int(d) for d in devices if d != "cpu"})  # integers: "10" > "2"
+    if n_gpus is not None and gpus and gpus[-1] >= n_gpus:
+        if n_gpus == 0:
+            raise SweepError(f"--devices {text}: this machine has no CUDA device; use --devices cpu,cpu")
+        beyond = ", ".join(str(g) for g in gpus if g >= n_gpus)
+        raise SweepError(f"--devices {text}: GPU {beyond} is beyond this machine's {n_gpus} CUDA devices "
+                         f"(indices 0-{n_gpus - 1})")
     return devices
+
+
+def observer_off(extra: Sequence[str]) -> bool:
+    """Whether the words after ``with`` turn the file observer off (``use_file_observer=False``, as Sacred reads
+    the value)."""
+    for word in extra:
+        key, sep, value = word.partition("=")
+        if sep and key.strip() == "use_file_observer":
+            try:
+                on = ast.literal_eval(value.strip())
+            except (ValueError, SyntaxError):
+                on = value.strip()  # Sacred keeps an unparsable value as a (non-empty, true) string
+            return not on
+    return False
 
 
 def _call(cmd: list[str], log_path: Path, env: dict[str, str], on_start: Callable[[subprocess.Popen], None]) -> int:
@@ -113,9 +162,10 @@ def execute(run: Run, out: Path, extra: Sequence[str], device: str | None, threa
     elif device is not None:
         env["CUDA_VISIBLE_DEVICES"] = device
         overrides = ["device=cuda:0"]
-    # the run's identity comes last: a key in ``extra`` cannot move a run into another run's folder
-    common = [run.dataset, f"setting{run.setting}", f"path.log_dir={out / 'sacred'}", *extra, *overrides,
-              f"eval_fold={run.fold}"]
+    # the run's identity comes last: a key in ``extra`` cannot move a run into another run's folder. path.log_dir
+    # only where an observer writes (training refuses a key that cannot act, engine.run_setup.KEY_CONFLICTS)
+    records = [] if observer_off(extra) else [f"path.log_dir={out / 'sacred'}"]
+    common = [*run.dataset_words(), f"setting{run.setting}", *records, *extra, *overrides, f"eval_fold={run.fold}"]
     train_dir = run.train_dir(out)
     code = _call([sys.executable, "training.py", "with", *common, f"label_sets={run.train_set}",
                   f"run_dir={train_dir}", "resume=True"], train_dir / "train.log", env, on_start)

@@ -81,7 +81,8 @@ def run_slurm(runs: Sequence[Run], out: Path, extra: Sequence[str], executor: An
 
 
 def slurm_executor(out: Path, partition: str | None, time_limit: str, gpus_per_job: int) -> Any:
-    """A submitit SLURM executor: one task per job, ``gpus_per_job`` GPUs, 90 s warning before the limit."""
+    """A submitit SLURM executor: one task per job, ``gpus_per_job`` GPUs, SLURM's warning signal 120 s before the
+    limit (``slurm_signal_delay_s``; :meth:`SweepJob.checkpoint` then gives the training :data:`STOP_GRACE_S`)."""
     import submitit
 
     executor = submitit.AutoExecutor(folder=out / "slurm" / "%j", cluster="slurm")

@@ -17,9 +17,13 @@ Runs whose tests all wrote ``results.json`` are skipped; the others train with `
 run continues from its latest snapshot, a finished training is not repeated) and are tested from their latest
 snapshot. The words after ``with`` are passed to every training and test (e.g. ``with demo n_steps=20``).
 
+``--dataset`` is a registry name or the path of a dataset description file (``python -m data_preprocessing.prepare``
+writes one); a file reaches every training and test as ``dataset=<file>``.
 ``--devices`` runs one run per device at a time, the others wait in a queue: GPU indices (``CUDA_VISIBLE_DEVICES``
-is set per run) or ``cpu`` (several ``cpu`` entries share the cores; each run gets cores / entries threads).
-``--slurm`` submits one job array through submitit (one GPU per job by default); SLURM warns a job before its
+is set per run; each below this machine's GPU count) or ``cpu`` (several ``cpu`` entries share the cores; each run
+gets cores / entries threads).
+``--slurm`` submits one job array through submitit, one GPU per job (one training process; ``--gpus-per-job`` above 1
+is refused, as ``--partition``, ``--time`` and ``--gpus-per-job`` without ``--slurm``); SLURM warns a job before its
 time limit or pre-emption, submitit then calls :meth:`launch.slurm.SweepJob.checkpoint`, which makes the training
 write a snapshot at its current step (SIGUSR1, ``engine.preemption``) and requeues the job, which resumes it.
 The work is done by the :mod:`launch` package; this module is the command line.
@@ -28,7 +32,6 @@ Exit code: 0 when every run finished, 1 when some failed (their logs are named),
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,22 +40,29 @@ from typing import Any
 from launch.local import run_local
 from launch.runs import SweepError, parse_devices, parse_folds, plan_runs
 from launch.slurm import run_slurm, slurm_executor
+from util.options import OptionParser, int_at_least, positive_int
+
+DEFAULT_TIME = "24:00:00"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m launch.sweep", description=__doc__.split("\n")[0],
-                                     epilog="Everything after 'with' goes to every training and test run.")
-    parser.add_argument("--dataset", required=True, help="CHAOST2, SABS, CMR, PHANTOM")
+def build_parser() -> OptionParser:
+    """The sweep's options (the words after ``with`` are split off before parsing)."""
+    parser = OptionParser(prog="python -m launch.sweep", description=__doc__.split("\n")[0],
+                          epilog="Everything after 'with' goes to every training and test run.")
+    parser.add_argument("--dataset", required=True,
+                        help="CHAOST2, SABS, CMR, PHANTOM, or the path of a dataset description file")
     parser.add_argument("--settings", type=int, nargs="+", choices=(1, 2), default=[1, 2])
     parser.add_argument("--folds", nargs="+", default=["0-4"], help="fold numbers or ranges (default 0-4)")
-    parser.add_argument("--label-sets", type=int, nargs="+", default=None,
+    parser.add_argument("--label-sets", type=int_at_least(0), nargs="+", default=None,
                         help="label groups to test (default: all of the dataset's groups)")
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--devices", help="GPU indices (0,1,2,3) or cpu entries (cpu,cpu): one run per entry at a time")
     where.add_argument("--slurm", action="store_true", help="submit a job array through submitit")
-    parser.add_argument("--partition", default=None, help="SLURM partition")
-    parser.add_argument("--time", default="24:00:00", help="SLURM time limit per job (HH:MM:SS, default 24:00:00)")
-    parser.add_argument("--gpus-per-job", type=int, default=1, help="GPUs per SLURM job (default 1)")
+    parser.add_argument("--partition", default=None, help="SLURM partition (--slurm only)")
+    parser.add_argument("--time", default=None,
+                        help=f"SLURM time limit per job (HH:MM:SS, default {DEFAULT_TIME}; --slurm only)")
+    parser.add_argument("--gpus-per-job", type=positive_int, default=None,
+                        help="GPUs per SLURM job: 1 (the default; one training process per job; --slurm only)")
     parser.add_argument("--out", type=Path, default=Path("runs/sweep"), help="output root (default runs/sweep)")
     return parser
 
@@ -64,7 +74,18 @@ def main(argv: Sequence[str] | None = None, executor: Any = None) -> int:
 
     args_in = list(sys.argv[1:] if argv is None else argv)
     extra = args_in[args_in.index("with") + 1:] if "with" in args_in else []
-    args = build_parser().parse_args(args_in[:args_in.index("with")] if "with" in args_in else args_in)
+    parser = build_parser()
+    args = parser.parse_args(args_in[:args_in.index("with")] if "with" in args_in else args_in)
+    if not args.slurm:
+        given = [opt for opt, value in (("--partition", args.partition), ("--time", args.time),
+                                         ("--gpus-per-job", args.gpus_per_job)) if value is not None]
+        if given:
+            parser.error(f"{', '.join(given)} {'needs' if len(given) == 1 else 'need'} --slurm (--devices runs one "
+                         f"run per device entry)")
+    if args.gpus_per_job is not None and args.gpus_per_job > 1:
+        parser.error(f"--gpus-per-job {args.gpus_per_job}: a job runs one training process, which uses one GPU; "
+                     f"multi-GPU jobs are not supported (use --gpus-per-job 1, or examples/train_ddp.sh for one "
+                     f"DDP training)")
     try:
         info = get_dataset_info(args.dataset)
         groups = list(range(len(info.label_groups)))
@@ -72,16 +93,20 @@ def main(argv: Sequence[str] | None = None, executor: Any = None) -> int:
         bad = [g for g in label_sets if g not in groups]
         if bad:
             raise SweepError(f"--label-sets {bad}: {info.name} has label groups {groups}")
-        runs = plan_runs(info.name, sorted(set(args.settings)), parse_folds(args.folds), label_sets)
-        devices = parse_devices(args.devices) if args.devices else []
-        if any(d != "cpu" for d in devices):
-            import torch
+        described = Path(args.dataset)
+        dataset_file = str(described.resolve()) if described.is_file() else None  # else a registry name
+        runs = plan_runs(info.name, sorted(set(args.settings)), parse_folds(args.folds), label_sets, dataset_file)
+        devices = []
+        if args.devices:
+            gpu_entries = any(d.strip() != "cpu" for d in args.devices.split(","))
+            n_gpus = None
+            if gpu_entries:
+                import torch
 
-            if int(max(d for d in devices if d != "cpu")) >= torch.cuda.device_count():
-                raise SweepError(f"--devices {args.devices}: this machine has {torch.cuda.device_count()} CUDA "
-                                 f"devices (use --devices cpu,cpu without GPUs)")
+                n_gpus = torch.cuda.device_count()
+            devices = parse_devices(args.devices, n_gpus)
         if args.slurm and executor is None:
-            executor = slurm_executor(args.out, args.partition, args.time, args.gpus_per_job)
+            executor = slurm_executor(args.out, args.partition, args.time or DEFAULT_TIME, args.gpus_per_job or 1)
     except (SweepError, DatasetDescriptionError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

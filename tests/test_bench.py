@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import datetime
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -10,7 +12,8 @@ import pytest
 import bench.__main__ as bench_cli
 from bench.measure import BenchError, run_isolated, time_repeated
 from bench.report import format_table
-from bench.suite import SuiteConfig, measure_train_step
+from bench.suite import PARTS, SuiteConfig, measure_train_step
+from util.provenance import cpu_name, git_commit
 
 REQUIRED = ("train_step_s", "episodes_per_s", "eval_s", "eval_naive_s", "eval_speedup_vs_naive",
             "pseudolabel_s_per_100_slices", "pseudolabel_speedup", "peak_rss_mb")
@@ -49,8 +52,13 @@ def test_quick_run_writes_every_key(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     # one peak-RSS figure per measurement, each a plausible process size
     assert set(res["peak_rss_mb"]) == set(res["measurements"])
     assert all(50 < v < 20000 for v in res["peak_rss_mb"].values())
-    for key in ("device", "torch", "cpu_count", "load_avg_start", "load_avg_end", "command"):
+    for key in ("device", "torch", "cpu_count", "load_avg_start", "load_avg_end", "command", "cpu", "cpu_features"):
         assert key in res["meta"], key
+    # where the figures come from: the date, the commit (None outside a git work tree), the command as typed
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", res["meta"]["date"])
+    assert res["meta"]["git_commit"] == git_commit() and res["meta"]["parts"] == list(PARTS)
+    assert res["meta"]["command"] == f"python -m bench --quick --out {out} --work-dir {tmp_path / 'work'}"
+    assert res["meta"]["cpu"] == cpu_name()
     # the real training loop around a one-layer encoder, and the paper step before vs after the host-sync-free step
     loop = res["measurements"]["loop.workers=0"]
     assert loop["steps_timed"] == 25 - 20 - 1 and loop["skipped_steps"] == 0 and loop["input_size"] == 64
@@ -90,3 +98,37 @@ def test_train_step_options_in_process() -> None:
                        reps_min=2, reps_max=2, budget_s=0.0, isolate=False)
     assert res["median_s"] > 0 and len(res["times_s"]) == 2 and res["peak_rss_mb"] > 50
     assert res["batch_size"] == 2 and res["channels_last"] and res["amp"] == "off"
+
+
+def test_only_runs_the_selected_parts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bench_cli, "quick_config", lambda device: tiny_config())
+    out = tmp_path / "only.json"
+    assert bench_cli.main(["--quick", "--only", "eval,pipeline", "--out", str(out), "--work-dir",
+                           str(tmp_path / "work")]) == 0
+    res = json.loads(out.read_text())
+    assert res["meta"]["parts"] == ["pipeline", "eval"]  # the suite's order
+    assert set(res["measurements"]) == {"pipeline.workers=0", "eval.fast", "eval.naive"}
+    assert "eval_s" in res and "episodes_per_s" in res
+    for key in ("train_step_s", "pseudolabel_speedup", "loop_steps_per_s", "predict_s"):
+        assert key not in res, key
+    # the pipeline reads superpixels: they were generated (untimed) although pseudolabels were not measured
+    assert len(list((tmp_path / "work" / "phantom").glob("superpix-MIDDLE_*.nii.gz"))) == 6
+    assert "| episode pipeline alone, 0 DataLoader workers |" in format_table(res)
+
+
+def test_only_refuses_unknown_parts(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        bench_cli.main(["--only", "eval,warp"])
+    assert exit_info.value.code == 2
+    assert "argument --only: unknown part(s) ['warp']; choose from " + ",".join(PARTS) in capsys.readouterr().err
+
+
+def test_default_output_is_one_new_file_per_run(tmp_path: Path) -> None:
+    day = datetime.date(2026, 12, 5)
+    first = bench_cli.default_out("cpu", True, PARTS, folder=tmp_path, today=day)
+    assert first == tmp_path / "2026-12-05_cpu_quick.json"
+    first.write_text("{}")
+    assert bench_cli.default_out("cpu", True, PARTS, folder=tmp_path, today=day).name == "2026-12-05_cpu_quick_2.json"
+    assert bench_cli.default_out("cuda:1", False, ("predict",), folder=tmp_path, today=day).name == \
+        "2026-12-05_cuda_full_predict.json"
+    assert bench_cli.RESULTS_DIR == Path(bench_cli.__file__).resolve().parent / "results"

@@ -13,6 +13,7 @@ import bench.__main__ as bench_cli
 from data_preprocessing import chaos, class_slice_index, cmr, phantom, pseudolabel, sabs, verify
 from evaluation import baseline, summarize
 from launch import demo
+from tests.cli_tools import TOOLS, tool_module
 from tests.reliability_fixtures import script
 
 
@@ -70,3 +71,29 @@ def test_phantom_real_script(tmp_path: Path) -> None:
     assert proc.stderr.strip() == ("error: argument --n-slices-min: must be >= 12, got 8 (see python -m "
                                    "data_preprocessing.phantom --help)")
     assert not (tmp_path / "ph").exists()
+
+
+@pytest.mark.parametrize("prog", sorted(TOOLS))
+def test_unknown_option_is_one_error_line_for_every_tool(prog: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """Every tool's command line (its ``main``) with its required arguments and one unknown option."""
+    monkeypatch.chdir(tmp_path)  # the required arguments name relative paths: nothing may appear here
+    with pytest.raises(SystemExit) as stop:
+        tool_module(prog).main([*TOOLS[prog][1], "--no-such-option"])
+    assert stop.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == [f"error: unrecognized arguments: --no-such-option (see {prog} --help)"]
+    assert captured.out == ""
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("prog", ["python predict.py", "python -m data_preprocessing.prepare",
+                                  "python -m launch.sweep"])
+def test_unknown_option_real_script(prog: str, tmp_path: Path) -> None:
+    """The three tools that used to print argparse's two-line usage error, as real interpreters."""
+    command = prog.split()[1:]  # "predict.py" or "-m", "<module>"
+    required = [str(tmp_path / a) if a in ("o", "c.pth") else a for a in TOOLS[prog][1]]
+    proc = script([*command, *required, "--no-such-option"])
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"error: unrecognized arguments: --no-such-option (see {prog} --help)"]
+    assert proc.stdout == "" and list(tmp_path.iterdir()) == []

@@ -107,6 +107,10 @@ def test_evaluate_fold_hand_dice() -> None:
     assert d["class_names"] == {"1": "LIVER"} and d["skipped"] == [[2, 1]]
     assert d["per_scan"]["1"]["1"]["dice"] == pytest.approx(16 / 22)
     assert d["support_slices"] == {"1": {"0": [1, 3, 4]}} and list(d)[0] == "mean_dice"
+    # per slice: slice 2 Dice 1, slice 3 (4 TP, 2 FP) 8/10, slice 4 (4 FN) 0: mean 0.6, labelled apart from the 3D
+    assert d["class_dice_per_slice"] == {"1": pytest.approx(0.6)} and d["mean_dice_per_slice"] == pytest.approx(0.6)
+    assert d["per_scan"]["1"]["1"]["dice_per_slice"] == pytest.approx(0.6)
+    assert set(d["dice_definitions"]) == {"dice", "dice_per_slice"} and "3D" in d["dice_definitions"]["dice"]
 
 
 def test_evaluate_fold_multishot_and_nan() -> None:

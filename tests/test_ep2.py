@@ -100,23 +100,33 @@ def test_ep2_segment_class_k_shot_pools_supports() -> None:
 
 
 def test_evaluate_fold_ep2_scores_the_whole_volume() -> None:
-    images, labels = _fold_volumes()
-    bodies = {i: np.ones(v.shape, bool) for i, v in images.items()}
+    """A segmenter returning known label volumes: counts over every slice, z-ranges and skipped pairs by hand."""
+    from types import SimpleNamespace
 
-    def predict(sup_img: np.ndarray, sup_msk: np.ndarray, qry: np.ndarray) -> np.ndarray:
-        return qry > 0.5
+    _, labels = _fold_volumes()
+    seg_labels = {1: np.zeros_like(labels[1], np.int32), 2: np.zeros_like(labels[2], np.int32)}
+    seg_labels[1][2, 1:3, 1:3] = 1  # 4 voxels; the label holds class 1 on slices 2..4
+    seg_labels[1][5] = 1  # 16 voxels on slice 5, outside the true range: scored (no ground truth used)
+    calls = []
+
+    def segment(q: int):
+        calls.append(q)
+        info = SimpleNamespace(estimated_range=(1.0, 5.0), support_slices=[[1, 3]])
+        return SimpleNamespace(labels=seg_labels[q], classes={1: info})
 
     with pytest.warns(UserWarning, match="query scan 2 holds no slice of class 1"):
-        res = evaluate_fold_ep2(predict, images, labels, bodies, [0], [1, 2], [1], n_part=3, keep_largest=False)
-    # predicted: slices 2 (4 TP), 3 (4 TP + 2 FP) and all of slice 5 (16 FP, outside the GT range, now scored)
-    assert res.metrics["class_dice"][1] == pytest.approx(16 / (16 + 18 + 4))
-    assert res.scored == {(1, 1): (0, 5)} and res.protocol == "ep2"
-    # with the connected-component step the 16-voxel slice 5 is the largest component: TP 0, Dice 0
-    with pytest.warns(UserWarning):
-        res_cc = evaluate_fold_ep2(predict, images, labels, bodies, [0], [1, 2], [1], n_part=3)
-    assert res_cc.metrics["class_dice"][1] == 0.0 and res_cc.predictions[(1, 1)].sum() == 16
+        res = evaluate_fold_ep2(segment, labels, [0], [1, 2], [1], class_names={1: "LIVER"}, method="test: by hand")
+    assert calls == [1, 2]  # one segmentation per query, all classes at once
+    gt = labels[1] == 1
+    tp = int((gt & (seg_labels[1] == 1)).sum())
+    fp, fn = 20 - tp, int(gt.sum()) - tp
+    assert res.metrics["class_dice"][1] == pytest.approx(2 * tp / (2 * tp + fp + fn))
+    assert res.scored == {(1, 1): (0, 5)} and res.skipped == [(2, 1)] and res.protocol == "ep2"
+    true_range = tuple(int(z) for z in np.flatnonzero(gt.any(axis=(1, 2)))[[0, -1]])
+    assert res.z_ranges == {(1, 1): ((2, 5), true_range)}
+    share = float(abs(2 - true_range[0]) <= 3 and abs(5 - true_range[1]) <= 3)
     d = json.loads(json.dumps(res.to_json_dict()))
-    assert d["protocol"] == "ep2" and d["support_slices"] == {"1": {"0": [1, 3, 4]}}
-    assert d["estimated_ranges"] == {"1,1": [1.0, 4.0]}  # support extent 1..4 of body 0..5, query body 0..5
-    with pytest.raises(ValueError, match="scan 1 is missing"):
-        evaluate_fold_ep2(predict, images, labels, {0: bodies[0]}, [0], [1], [1])
+    assert d["protocol"] == "ep2" and d["method"] == "test: by hand" and d["z_range_within_3_slices"] == share
+    assert d["estimated_ranges"] == {"1,1": [1.0, 5.0]} and d["support_slices"] == {"1": {"0": [1, 3]}}
+    with pytest.raises(ValueError, match="scan 7 is missing"):
+        evaluate_fold_ep2(segment, labels, [0], [7], [1])

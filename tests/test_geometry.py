@@ -148,7 +148,7 @@ def test_512_ct_in_hu_windowed_resampled_and_mapped_back() -> None:
     hu[lab == 1] = 75.0
     spacing, origin = (0.7, 0.7, 5.0), (-179.0, -200.0, -600.0)
     img, lbl = _image(hu, spacing, origin), _image(lab, spacing, origin)
-    settings = PrepareSettings("CT")
+    settings = PrepareSettings("CT", spacing_rule="sabs")  # the SABS registry pipeline's rule
     assert settings.window == (-125.0, 275.0) and settings.spacing is None
     out, transform, pimg = preprocess_image(img, settings)
     # the SABS rule: 1.75 x 0.7 mm in-plane, round(512 / 1.75) = 293 resampled voxels, centre 256 kept
@@ -334,8 +334,9 @@ def test_settings_defaults_validation_and_json_round_trip() -> None:
     mr, ct = PrepareSettings("MR"), PrepareSettings("CT", spacing=1.5, z_spacing=3, window=(-100, 200))
     assert (mr.spacing, mr.z_spacing, mr.size, mr.window, mr.mr_clip_percentile) == (1.25, None, 256, None, 99.5)
     assert ct.window == (-100.0, 200.0) and ct.mr_clip_percentile is None and ct.z_spacing == 3.0
-    assert PrepareSettings("CT").inplane_spacing((0.8, 0.6, 5.0)) == pytest.approx((1.4, 1.05))
-    for s in (mr, ct, PrepareSettings("CT")):
+    assert PrepareSettings("CT").inplane_spacing((0.8, 0.6, 5.0)) == (1.6, 1.6)  # one fixed scale by default
+    assert PrepareSettings("CT", spacing_rule="sabs").inplane_spacing((0.8, 0.6, 5.0)) == pytest.approx((1.4, 1.05))
+    for s in (mr, ct, PrepareSettings("CT"), PrepareSettings("CT", spacing_rule="sabs")):
         assert PrepareSettings.from_dict(json.loads(json.dumps(s.to_dict()))) == s
     for bad in ({"modality": "PET"}, {"modality": "MR", "window": (0, 1)}, {"modality": "CT", "spacing": -1.0},
                 {"modality": "CT", "window": (5, 5)}, {"modality": "MR", "size": 0},

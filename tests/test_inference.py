@@ -142,7 +142,7 @@ def test_same_fold_result_as_naive_with_fewer_encodes(volumes) -> None:
     for scan, per_class in res_naive.per_scan.items():
         for c, want in per_class.items():
             got = res_fast.per_scan[scan][c]
-            assert got.keys() == want.keys() == {"tp", "fp", "fn", "dice", "precision", "recall"}
+            assert got.keys() == want.keys() == {"tp", "fp", "fn", "dice", "precision", "recall", "dice_per_slice"}
             assert sum(abs(got[k] - want[k]) for k in ("tp", "fp", "fn")) <= ties, (scan, c)
             for k in ("dice", "precision", "recall"):
                 assert got[k] == pytest.approx(want[k], abs=tol), (scan, c, k)

@@ -13,8 +13,9 @@ from torch import nn
 from engine.lr_schedule import build_scheduler
 from engine.resume import RESUME_MUST_MATCH
 from engine.train_step import train_step
-from tests.reliability_fixtures import TINY32, cli
+from tests.reliability_fixtures import TINY32, cli, script
 from util.checkpoint import load_checkpoint
+from util.cli import EXIT_USER_ERROR
 
 
 def _lrs(schedule: str, n_steps: int, milestones: list[int], gamma: float, base: float = 0.1) -> list[float]:
@@ -113,14 +114,34 @@ def test_training_with_cosine_schedule(tiny_phantom: Path, tmp_path: Path) -> No
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run_dir = tmp_path / "run"
-    assert cli("training.py", [*TINY32, f"data_dir={tiny_phantom}", f"run_dir={run_dir}", "lr_schedule=cosine",
+    no_milestones = [u for u in TINY32 if not u.startswith("lr_milestones=")]  # refused under cosine (test below)
+    assert cli("training.py", [*no_milestones, f"data_dir={tiny_phantom}", f"run_dir={run_dir}", "lr_schedule=cosine",
                                "tensorboard=True"]) == 0
     ckpt = load_checkpoint(run_dir / "snapshots" / "4.pth")
     lr = ckpt["config"]["optim"]["lr"]
     acc = EventAccumulator(str(run_dir / "tensorboard"))
     acc.Reload()
     c = math.cos(math.pi / 4)
-    # steps 1..4 after 0..3 scheduler steps of T_max = 4 (the milestone [2] of TINY32 is ignored)
+    # steps 1..4 after 0..3 scheduler steps of T_max = 4
     assert [e.value for e in acc.Scalars("train/lr")] == pytest.approx([lr, lr * (1 + c) / 2, lr / 2, lr * (1 - c) / 2],
                                                                       rel=1e-6)
     assert ckpt["scheduler"]["T_max"] == 4 and ckpt["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.0)
+
+
+def test_unknown_schedule_and_milestones_under_cosine_are_refused_before_any_work(tmp_path: Path) -> None:
+    """The real script: one ``error:`` line, exit 2, before the data are read (the data folder does not exist)."""
+    run_dir = tmp_path / "run"
+    common = ["training.py", "with", "demo", f"data_dir={tmp_path / 'no_data'}", f"run_dir={run_dir}",
+              "use_file_observer=False"]
+    proc = script([*common, "lr_schedule=linear"])
+    assert proc.returncode == EXIT_USER_ERROR, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == "error: lr_schedule='linear': choose one of ['step', 'cosine', 'poly']"
+    assert "Traceback" not in proc.stderr  # (the lines before are Sacred's log: no observer, command started)
+    proc = script([*common, "lr_milestones=[230]"])  # the demo's cosine schedule has no milestones
+    assert proc.returncode == EXIT_USER_ERROR, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: lr_milestones=[230] cannot act with lr_schedule='cosine': cosine and poly decay smoothly over n_steps, "
+        "without milestones (drop the ignored key, or change the key that blocks it)")
+    assert "Traceback" not in proc.stderr
+    assert not run_dir.exists()

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from evaluation.metric import Metric, dice, precision, recall
+from evaluation.metric import Metric, dice, mean_slice_dice, precision, recall, slice_counts
 
 
 def test_formulas_hand_values() -> None:
@@ -88,3 +88,47 @@ def test_reset_and_shape_check() -> None:
     assert agg["class_dice"] == {} and math.isnan(agg["mean_dice"])
     with pytest.raises(ValueError, match="scan 3, class 1"):
         m.record(np.ones((1, 2, 2)), np.ones((2, 2, 2)), 3, 1)
+
+
+def test_per_slice_dice_by_hand() -> None:
+    pred = np.zeros((4, 4, 4), bool)
+    gt = np.zeros((4, 4, 4), bool)
+    pred[0, :2, :2], gt[0, :2, :1] = True, True  # slice 0: 4 px predicted, 2 px GT, both hit: Dice 4/6
+    pred[1, 3, :] = True  # slice 1: 4 false-positive px, no GT: Dice 0
+    gt[2, 3, 3] = True  # slice 2: 1 GT px missed: Dice 0
+    # slice 3: empty prediction and GT: no Dice, left out of the mean
+    np.testing.assert_array_equal(slice_counts(pred, gt), [[2, 2, 0], [0, 4, 0], [0, 0, 1], [0, 0, 0]])
+    assert mean_slice_dice(slice_counts(pred, gt)) == pytest.approx((4 / 6 + 0 + 0) / 3)
+    other_p = np.zeros((2, 3, 3), bool)
+    other_g = np.zeros((2, 3, 3), bool)
+    other_p[0, 0, :], other_g[0, 0, :] = True, True  # slice 0: identical 3 px: Dice 1
+    other_p[1, 1, 0] = True
+    other_g[1, 1, :] = True  # slice 1: 1 px predicted inside 3 GT px: Dice 2/4
+    m = Metric()
+    m.record(pred[:2], gt[:2], scan_id=7, class_id=1)  # chunks of one scan: the slices of both count
+    m.record(pred[2:], gt[2:], scan_id=7, class_id=1)
+    m.record(other_p, other_g, scan_id=8, class_id=1)
+    agg = m.aggregate()
+    scan7, scan8 = (4 / 6) / 3, (1 + 0.5) / 2
+    assert agg["per_scan"]["dice_per_slice"] == [pytest.approx([scan7]), pytest.approx([scan8])]
+    assert agg["class_dice_per_slice"][1] == pytest.approx((scan7 + scan8) / 2)
+    assert agg["mean_dice_per_slice"] == pytest.approx((scan7 + scan8) / 2)
+    assert agg["class_dice_per_slice_std"][1] == pytest.approx(abs(scan7 - scan8) / 2)
+    # the 3D Dice of the same records differs: scan 7 TP 2, FP 6, FN 1 -> 4/11; scan 8 TP 4, FP 0, FN 2 -> 8/10
+    assert agg["per_scan"]["dice"] == [pytest.approx([4 / 11]), pytest.approx([0.8])]
+    assert agg["class_dice"][1] == pytest.approx((4 / 11 + 0.8) / 2)
+    m.reset()
+    assert m.aggregate()["per_scan"]["scan_ids"] == [] and not m.slices
+
+
+def test_per_slice_dice_nan_and_2d_input() -> None:
+    assert math.isnan(mean_slice_dice(np.zeros((3, 3), np.int64)))  # every slice empty in both
+    assert math.isnan(mean_slice_dice(np.zeros((0, 3), np.int64)))
+    one = np.array([[1, 0], [0, 0]], bool)
+    np.testing.assert_array_equal(slice_counts(one, one), [[1, 0, 0]])  # a 2D input is one slice
+    m = Metric()
+    m.record(np.zeros((2, 2, 2), bool), np.zeros((2, 2, 2), bool), 1, 1)
+    agg = m.aggregate()
+    assert math.isnan(agg["class_dice_per_slice"][1]) and (1, 1, "dice_per_slice") in agg["nan_entries"]
+    with pytest.raises(ValueError, match="shape"):
+        slice_counts(np.zeros((2, 2)), np.zeros((2, 3)))

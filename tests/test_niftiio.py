@@ -105,3 +105,52 @@ def test_classmap_checks(tmp_path: Path) -> None:
         nio.load_classmap(tmp_path, names)
     path.write_text(json.dumps(good))
     assert nio.load_classmap(tmp_path, names) == good
+
+
+def _nibabel_file(path: Path, arr_xyz: np.ndarray, kind: str, byteorder: str) -> Path:
+    """A NIfTI file written by nibabel: ``kind`` "nifti1" or "nifti2", ``byteorder`` "<" or ">"."""
+    import nibabel
+
+    klass = {"nifti1": nibabel.Nifti1Image, "nifti2": nibabel.Nifti2Image}[kind]
+    header = klass.header_class(endianness=byteorder)  # the byte order of the header and of the voxels
+    header.set_data_dtype(arr_xyz.dtype)
+    img = klass(arr_xyz, np.eye(4), header=header)
+    nibabel.save(img, str(path))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["nifti1", "nifti2"])
+@pytest.mark.parametrize("byteorder", ["<", ">"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_non_finite_voxels_found_in_every_nifti_variant(tmp_path: Path, kind: str, byteorder: str,
+                                                        dtype: type) -> None:
+    arr = np.zeros((6, 5, 4), dtype)  # (x, y, z) as nibabel stores it
+    arr[3, 2, 1], arr[0, 4, 3] = np.nan, -np.inf
+    path = _nibabel_file(tmp_path / f"{kind}.nii.gz", arr, kind, byteorder)
+    raw = nio.check_gzip_complete(path)
+    header = nio.nifti_header(raw)
+    assert header is not None and header.get_data_shape() == (6, 5, 4)
+    assert header.sizeof_hdr == {"nifti1": 348, "nifti2": 540}[kind]
+    assert header.endianness == byteorder and header.get_data_dtype() == np.dtype(dtype).newbyteorder(byteorder)
+    assert (nio.check_gzip_complete(path)[:4] == {"<": b"\x5c\x01\x00\x00", ">": b"\x00\x00\x01\x5c"}[byteorder]
+            if kind == "nifti1" else True)  # sizeof_hdr 348 in the file's byte order
+    # the first non-finite voxel in file order (x fastest) is (x, y, z) = (3, 2, 1): (z, y, x) = (1, 2, 3)
+    with pytest.raises(nio.DataFormatError, match=r"nifti\d\.nii\.gz: 2 voxels are NaN or infinite \(first at "
+                                                  r"z, y, x = \(1, 2, 3\)\)"):
+        nio.read_volume(path)
+    arr[:] = 1.5  # finite: read, and the values survive either byte order
+    path = _nibabel_file(tmp_path / f"ok_{kind}.nii", arr, kind, byteorder)
+    nio.check_nifti_finite(path, path.read_bytes())
+
+
+def test_nifti_check_leaves_other_files_alone_and_refuses_short_voxel_data(tmp_path: Path) -> None:
+    assert nio.nifti_header(b"not a nifti file at all" * 20) is None
+    assert nio.nifti_header(b"") is None
+    ints = np.zeros((4, 4, 2), np.int16)
+    path = _nibabel_file(tmp_path / "ints.nii", ints, "nifti1", "<")
+    nio.check_nifti_finite(path, path.read_bytes())  # integer voxels cannot be NaN: nothing to check
+    floats = _nibabel_file(tmp_path / "floats.nii", np.ones((8, 8, 4), np.float32), "nifti1", "<")
+    raw = floats.read_bytes()
+    with pytest.raises(nio.DataFormatError, match=r"floats\.nii: truncated, the header announces 256 voxels of 4 "
+                                                  r"bytes from byte 352 but the file holds 852 bytes"):
+        nio.check_nifti_finite(floats, raw[:852])

@@ -29,7 +29,8 @@ NOTEBOOKS = {
     "CMR": ["data/CMR/label_to_nii.ipynb", "data/CMR/image_normalize.ipynb", "data/CMR/class_slice_index_gen.ipynb"],
 }
 PSEUDOLABEL_NB = "data_preprocessing/pseudolabel_gen.ipynb"
-ALL_NOTEBOOKS = [nb for chain in NOTEBOOKS.values() for nb in chain] + [PSEUDOLABEL_NB]
+OWN_SCANS_NB = "examples/own_scans.ipynb"
+ALL_NOTEBOOKS = [nb for chain in NOTEBOOKS.values() for nb in chain] + [PSEUDOLABEL_NB, OWN_SCANS_NB]
 KERNEL = "alpnet-preprocessing-test"
 
 
@@ -110,3 +111,40 @@ def test_notebooks_execute(dataset: str, tmp_path: Path, kernel_env: dict[str, s
     for sid in ids:
         for path in (image_path(out, sid), label_path(out, sid), superpix_path(out, sid), fgmask_path(out, sid)):
             assert path.is_file(), path
+
+
+def test_own_scans_notebook_goes_from_files_to_the_overlays(tmp_path: Path, kernel_env: dict[str, str],
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The own-scans notebook on tiny files (the predict tests' synthetic scans and untrained model): it writes the
+    outputs of predict.py and shows one overlay per query inline."""
+    import torch
+
+    from models.grid_proto_fewshot import FewShotSeg
+    from tests.test_predict import SETTINGS, _volumes, _write
+
+    for key, value in kernel_env.items():
+        monkeypatch.setenv(key, value)
+    torch.manual_seed(0)
+    model = FewShotSeg(backbone="lite_gn", init="none", proto_grid_size=2, feature_hw=(8, 8), val_wsize=2)
+    torch.save({"model": model.state_dict(), "config": {"modelname": "lite_gn", "proto_grid_size": 2,
+                                                       "feature_hw": [8, 8], "val_wsize": 2},
+                "preprocessing": {"settings": SETTINGS}}, tmp_path / "model.pth")
+    files = {}
+    for name, shift in (("sup", 0), ("q1", 1), ("q2", 0)):
+        img, lab = _volumes(shift)
+        files[name], files[f"{name}_lab"] = (_write(img, tmp_path / f"{name}.nii.gz"),
+                                             _write(lab, tmp_path / f"{name}_lab.nii.gz"))
+    out = tmp_path / "out"
+    nb = nbformat.read(REPO / OWN_SCANS_NB, as_version=4)
+    params = {"CHECKPOINT": str(tmp_path / "model.pth"), "SUPPORT_IMAGES": [str(files["sup"])],
+              "SUPPORT_LABELS": [str(files["sup_lab"])], "CLASSES": "ORGAN=5,OTHER=1",
+              "QUERIES": [str(files["q1"]), str(files["q2"])],
+              "QUERY_LABELS": [str(files["q1_lab"]), str(files["q2_lab"])], "OUT": str(out), "METHOD": "registered"}
+    first = next(c for c in nb.cells if c.cell_type == "code")
+    assert set(params) == _parameter_names(first.source)
+    first.source = "\n".join(f"{k} = {v!r}" for k, v in params.items())
+    NotebookClient(nb, kernel_name=KERNEL, timeout=300, resources={"metadata": {"path": str(tmp_path)}}).execute()
+    assert (out / "predictions.json").is_file() and (out / "report.html").is_file()
+    images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
+    assert len(images) == 2  # one overlay per query, inline
+

@@ -1,4 +1,5 @@
-"""predict.py, prediction/volume.py and the report: foreign geometries, user label ids, k-shot, errors, values.
+"""predict.py and prediction/run.py with the report: foreign geometries, user label ids, k-shot, methods, errors,
+values.
 
 Scans are tiny synthetic MR-like volumes (12 x 48 x 48, 1.25 mm in-plane, 7.7 mm slices): air 0, a body cylinder of
 100, an organ box of 200 labelled 5 and another box of 150 labelled 1. The model is an untrained ``lite_gn``
@@ -19,13 +20,10 @@ import SimpleITK as sitk
 import torch
 
 import predict
-from evaluation.ep2 import SupportScan, margin_fn
 from evaluation.metric import hd95
-from evaluation.predictors import FastPredictor
 from models.grid_proto_fewshot import FewShotSeg
-from models.weights import load_model_weights
 from prediction import run
-from prediction.volume import VolumeSegmentation, combine_classes, segment_volume
+from prediction.volume import VolumeSegmentation, segment_volume
 
 SPACING = (1.25, 1.25, 7.7)
 SETTINGS = {"modality": "MR", "spacing": 1.25, "z_spacing": None, "size": 48, "window": None,
@@ -104,7 +102,7 @@ def _args(case: dict[str, Path], out: Path, queries: list[str], labels: list[str
     return argv
 
 
-def test_hd95_and_combine_by_hand() -> None:
+def test_hd95_by_hand() -> None:
     a = np.zeros((3, 4, 8), bool)
     b = np.zeros((3, 4, 8), bool)
     a[1, 1, 1] = True
@@ -112,9 +110,6 @@ def test_hd95_and_combine_by_hand() -> None:
     assert hd95(a, b, (2.0, 1.0, 0.5)) == pytest.approx(1.5)
     assert hd95(a, a, (2.0, 1.0, 0.5)) == 0.0
     assert np.isnan(hd95(a, np.zeros_like(a), (1.0, 1.0, 1.0)))
-    m1, m2 = np.array([[[True, True, False]]]), np.array([[[False, True, True]]])
-    out = combine_classes({5: m1, 1: m2}, {5: np.array([[[1.0, 2.0, 0.0]]]), 1: np.array([[[0.0, 3.0, 1.0]]])})
-    assert out.tolist() == [[[5, 1, 1]]]  # the shared voxel goes to the larger margin
 
 
 def test_class_values_by_hand() -> None:
@@ -150,7 +145,11 @@ def test_foreign_geometry_query_gets_its_exact_grid(case: dict[str, Path], tmp_p
         tp, fp, fn = ((arr == 5) & ref).sum(), ((arr == 5) & ~ref).sum(), ((arr != 5) & ref).sum()
         if tp + fp + fn:
             assert entry["dice"] == pytest.approx(2 * tp / (2 * tp + fp + fn))
-        assert (out / entry["overlay"]).is_file()
+        assert summary["queries"][name]["registration"][0]["overlap_mm"] > 0
+        overlay = sitk.ReadImage(str(out / summary["queries"][name]["overlay"]))  # one picture per query
+        assert overlay.GetNumberOfComponentsPerPixel() >= 3 and min(overlay.GetSize()) > 100
+    assert summary["method"] == "registered" and summary["rule"].startswith("registered:")
+    assert summary["spacing"] == "1.25 mm, the checkpoint's training data"
     page = (out / "report.html").read_text()
     assert all(name in page for name in ("flip", "ras", "qry")) and "http" not in page.replace("http-equiv", "")
     images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
@@ -163,9 +162,10 @@ def test_known_prediction_gives_hand_values(case: dict[str, Path], tmp_path: Pat
     """A segmenter that returns the query's own reference (known prediction): Dice 1, HD95 0, exact volume."""
     _, lab = _volumes(1)
 
-    def perfect(margin, supports, query_image, query_body, classes, n_part=3, **kw) -> VolumeSegmentation:
-        real = segment_volume(margin, supports, query_image, query_body, classes, n_part)
-        return VolumeSegmentation(labels=np.where(lab == 5, 5, 0).astype(np.int32), classes=real.classes)
+    def perfect(margin, supports, query, classes, **kw) -> VolumeSegmentation:
+        real = segment_volume(margin, supports, query, classes, **kw)
+        return VolumeSegmentation(np.where(lab == 5, 5, 0).astype(np.int32), real.classes, real.method,
+                                  real.correspondences)
 
     monkeypatch.setattr(run, "segment_volume", perfect)
     out = tmp_path / "out"
@@ -178,32 +178,25 @@ def test_known_prediction_gives_hand_values(case: dict[str, Path], tmp_path: Pat
     assert entry["n_slices"] == 6 and entry["slices"] == [4, 9]
 
 
-def test_k_shot_pools_both_supports(case: dict[str, Path], tmp_path: Path) -> None:
-    model = FewShotSeg(backbone="lite_gn", init="none", proto_grid_size=2, feature_hw=(8, 8), val_wsize=2)
-    load_model_weights(model, torch.load(case["ckpt"], weights_only=True)["model"], case["ckpt"])
-    scans = []
-    for name in ("sup", "sup2", "qry"):
-        img, lab = _volumes({"sup": 0, "sup2": 1, "qry": 1}[name])
-        scans.append(SupportScan((img - img.mean()) / img.std(), lab.astype(np.int32), img > 50))
-    shots = []
-    fast = FastPredictor(model, torch.device("cpu"), window=2, batch_size=8)
-    inner = margin_fn(fast)
+def test_k_shot_and_every_method_through_the_command_line(case: dict[str, Path], tmp_path: Path) -> None:
+    for method in ("registered", "atlas", "body"):
+        out = tmp_path / method
+        argv = _args(case, out, ["flip"], ["flip"], supports=("sup", "sup2"), classes="ORGAN=5,OTHER=1")
+        assert predict.main(argv + ["--method", method]) == 0
+        summary = json.loads((out / "predictions.json").read_text())
+        assert summary["method"] == method and summary["rule"].startswith(f"{method}:")
+        assert len(summary["supports"]) == 2 and set(summary["queries"]["flip"]["classes"]) == {"ORGAN", "OTHER"}
+        assert len(summary["queries"]["flip"]["registration"]) == (0 if method == "body" else 2)  # one per shot
+        assert set(np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(out / "flip_seg.nii.gz"))))) <= {0, 1, 5}
+        assert method in (out / "report.html").read_text()
 
-    def margin(s: np.ndarray, m: np.ndarray, q: np.ndarray) -> np.ndarray:
-        shots.append(len(s))
-        return inner(s, m, q)
 
-    one = segment_volume(margin, scans[:1], scans[2].image, scans[2].body, [5])
-    two = segment_volume(margin, scans[:2], scans[2].image, scans[2].body, [5])
-    assert set(shots) == {1, 2} and shots.count(2) == 3  # 3 chunks, each with one slice of both supports
-    # L = [3..8] (len 6): L[int(6/6)], L[int(6/2)], L[int(30/6)] = 4, 6, 8; the second support is one slice up
-    assert two.classes[5].support_slices == [[4, 6, 8], [5, 7, 9]]
-    assert not np.allclose(one.classes[5].margin, two.classes[5].margin)  # other prototypes, other scores
+def test_atlas_method_carries_the_support_label(case: dict[str, Path], tmp_path: Path) -> None:
+    """The query is the support itself: registration is the identity and the atlas gives the support's label."""
     out = tmp_path / "out"
-    assert predict.main(_args(case, out, ["flip"], supports=("sup", "sup2"), classes="ORGAN=5,OTHER=1")) == 0
-    summary = json.loads((out / "predictions.json").read_text())
-    assert len(summary["supports"]) == 2 and set(summary["queries"]["flip"]["classes"]) == {"ORGAN", "OTHER"}
-    assert set(np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(out / "flip_seg.nii.gz"))))) <= {0, 1, 5}
+    assert predict.main(_args(case, out, ["sup"], ["sup"], classes="ORGAN=5,OTHER=1") + ["--method", "atlas"]) == 0
+    entry = json.loads((out / "predictions.json").read_text())["queries"]["sup"]["classes"]
+    assert entry["ORGAN"]["dice"] > 0.95 and entry["OTHER"]["dice"] > 0.95
 
 
 def test_support_label_without_the_class_is_an_error(case: dict[str, Path], tmp_path: Path,

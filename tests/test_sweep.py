@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import submitit
 
+from data_preprocessing import prepare
 from launch import runs as plan
 from launch import sweep
 from launch.slurm import SweepJob, parse_time
@@ -108,3 +109,64 @@ def test_two_runs_in_parallel_skip_and_resume_through_submitit(tiny_phantom: Pat
     assert f"resumed from {fold1 / 'snapshots' / '2.pth'} at step 2" in (fold1 / "train.log").read_text()
     again = _results(out)
     assert again[1]["checkpoint_step"] == 4 and again[0] == results[0]
+
+
+def test_devices_are_gpu_indices_compared_as_integers(monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)  # a 4-GPU machine
+    assert sweep.main(["--dataset", "CHAOST2", "--devices", "2,10"]) == 2  # as strings, max("2", "10") is "2"
+    assert capsys.readouterr().err.strip() == ("error: --devices 2,10: GPU 10 is beyond this machine's 4 CUDA "
+                                               "devices (indices 0-3)")
+    assert plan.parse_devices("0,3,cpu", n_gpus=4) == ["0", "3", "cpu"]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert sweep.main(["--dataset", "CHAOST2", "--devices", "0"]) == 2
+    assert capsys.readouterr().err.strip() == ("error: --devices 0: this machine has no CUDA device; use --devices "
+                                               "cpu,cpu")
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--slurm", "--gpus-per-job", "2"], "error: --gpus-per-job 2: a job runs one training process, which uses one "
+                                         "GPU; multi-GPU jobs are not supported"),
+    (["--devices", "cpu", "--time", "01:00:00"], "error: --time needs --slurm (--devices runs one run per device "
+                                                 "entry)"),
+    (["--devices", "cpu", "--partition", "gpu", "--gpus-per-job", "1"], "error: --partition, --gpus-per-job need "
+                                                                        "--slurm"),
+    (["--devices", "cpu", "--bogus"], "error: unrecognized arguments: --bogus (see python -m launch.sweep --help)"),
+])
+def test_slurm_options_are_refused_where_they_cannot_act(args: list[str], message: str, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as stop:
+        sweep.main(["--dataset", "PHANTOM", "--out", str(tmp_path / "out"), *args])
+    assert stop.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message), lines
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_prepared_folder_sweeps_through_its_description_file(tiny_phantom: Path, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """``--dataset DIR/dataset.json5`` of ``data_preprocessing.prepare``: every run gets ``dataset=<file>``."""
+    own = tmp_path / "own"
+    images = [str(tiny_phantom / f"image_{i}.nii.gz") for i in range(6)]
+    labels = [str(tiny_phantom / f"label_{i}.nii.gz") for i in range(6)]  # paired by order
+    assert prepare.main(["--images", *images, "--labels", *labels, "--modality", "MR", "--out", str(own), "--name",
+                         "OWN", "--spacing", "5.0", "--size", "64", "--mr-clip-percentile", "100", "--folds", "2",
+                         "--no-progress"]) == 0
+    description = own / "dataset.json5"
+    out = tmp_path / "sweep"
+    capsys.readouterr()
+    assert sweep.main(["--dataset", str(description), "--settings", "1", "--folds", "0-1", "--devices", "cpu,cpu",
+                       "--out", str(out), "with", "demo", *TINY_RUN, "eval_classes=None"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"2 runs of OWN in {out}: 0 finished (skipped), 2 to do\n")
+    for k in (0, 1):
+        run_dir = out / "OWN" / "setting1" / "sets_0" / f"fold{k}"
+        command = (run_dir / "train.log").read_text().splitlines()[0]
+        assert f" with dataset={description.resolve()} setting1 " in command  # a file, not a named config
+        assert "path.log_dir" not in command  # TINY_RUN turns the observer off: no key that cannot act
+        res = json.loads((run_dir / "eval_sets_0" / "results.json").read_text())
+        assert res["dataset"] == "OWN" and res["fold"] == k and res["checkpoint_step"] == 4
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["OWN setting 1"]["n_folds"] == 2 and (out / "summary.md").is_file()
