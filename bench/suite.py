@@ -69,8 +69,8 @@ class SuiteConfig:
         pipeline_workers: DataLoader worker counts; pipeline_episodes: episodes timed per count.
         pseudolabel_rounds: rounds of (1 worker, all workers); the fastest of each is kept.
         loop_steps, loop_workers: the loop-overhead run (:func:`bench.loop.measure_loop`), per worker count.
-        ratio_reps: alternated steps of the pre-issue-12 and the current paper step (:func:`bench.loop.
-            measure_step_ratio`); 0 skips it.
+        ratio_reps: alternated steps of the step before the host-sync-free change and the current paper
+            step (:func:`bench.loop.measure_step_ratio`); 0 skips it.
         predict_models: model names (keys of ``models``) timed with ``predict.py`` on a CT query of
             ``predict_shape`` (slices, in-plane size); empty skips it.
         isolate: run each measurement in its own process (False only for tests).

@@ -458,9 +458,10 @@ SegmentFn = Callable[[QueryScan], VolumeSegmentation]
 
 def describe(method: str, **options: Any) -> str:
     """One line naming the method and its options, for ``predictions.json``, ``results.json`` and the report."""
-    text = {"registered": "registration (z search, rigid, affine) places each support along the query: matched "
-                          "support slices, organ z-range (open where the support organ touches its field of view), "
-                          "in-plane prior; one decision for all classes; largest 3D component per class",
+    text = {"registered": "registration (z search, in-plane rigid and affine, Demons) places each support along the "
+                          "query: organ z-range (open where the support organ touches its field of view) and "
+                          "in-plane prior; every chunk-centre support slice scored, each voxel's largest margin; "
+                          "one decision for all classes; largest 3D component per class",
             "atlas": "the supports' labels carried onto the query by the same registration, no network",
             "body": "the previous release's rule: organ range estimated from the body z-extents, every slice "
                     "segmented, largest 3D component per class, classes combined by margin"}[method]
