@@ -46,6 +46,7 @@ from tqdm import tqdm
 
 from dataloaders.dataset_info import BODY_THRESHOLD
 from dataloaders.niftiio import Geometry, image_path, label_path, write_json, write_volume
+from util.atomic import atomic_file
 from util.options import OptionParser, int_at_least
 
 Appearance = Literal["mr", "ct"]
@@ -661,8 +662,8 @@ def save_preview(data_dir: str | Path, png: str | Path, scan_ids: list[int] | No
             ax.axis("off")
     fig.tight_layout()
     png = Path(png)
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=90)
+    with atomic_file(png) as tmp:  # a crash leaves no half-written figure
+        fig.savefig(tmp, dpi=90, format="png")
     plt.close(fig)
     return png
 

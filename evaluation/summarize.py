@@ -27,6 +27,7 @@ from typing import Any
 from dataloaders.niftiio import write_json
 from evaluation.published import PUBLISHED_SSL_ALPNET, published
 from evaluation.summary_figure import write_figures
+from util.atomic import write_text
 from util.errors import ProjectError
 from util.options import OptionParser, existing_dir
 
@@ -196,8 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = args.out or args.runs / "summary"
     md = to_markdown(summary)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text(md)
+    write_text(out.with_suffix(".md"), md)
     write_json(summary, out.with_suffix(".json"))
     figures = write_figures(summary, out)
     print(md)

@@ -30,6 +30,7 @@ import numpy as np
 
 from dataloaders import niftiio
 from dataloaders.dataset_info import get_dataset_info
+from util.atomic import atomic_file
 from util.options import OptionParser, int_at_least
 
 PHANTOM_ARGS = {"n_scans": 10, "seed": 0, "size": 256, "appearance": "mr"}
@@ -186,7 +187,8 @@ def plot_curve(run_dir: Path) -> Path | None:
     ax.set_title("ALPNet demo training on the phantom")
     fig.tight_layout()
     out = run_dir / "training_curve.png"
-    fig.savefig(out, dpi=100)
+    with atomic_file(out) as tmp:  # a crash leaves no half-written figure
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
     return out
 

@@ -6,7 +6,7 @@ examples/whole_volume_phantom.sh), through prediction.volume.segment_volume (wha
    slab of the support (organs cut at both ends) against the whole support;
 2. one decision for all classes: each class asked for alone against the four at once (fold 0's two queries).
 
-    python examples/own_scan_checks_phantom.py --data-dir data/PHANTOM/phantom_normalized \\
+    python -m launch.own_scan_checks --data-dir data/PHANTOM/phantom_normalized \\
         --checkpoints runs/whole_volume/train --out docs/results/own_scan_checks_phantom.json
 """
 
@@ -29,6 +29,7 @@ from evaluation.predictors import FastPredictor
 from models.grid_proto_fewshot import FewShotSeg
 from models.weights import load_model_weights
 from prediction.volume import QueryScan, SupportScan, segment_volume
+from util.atomic import write_text
 from util.checkpoint import load_checkpoint
 from util.options import OptionParser, existing_dir
 
@@ -66,6 +67,9 @@ def fold_data(data_dir: Path, ckpt_path: Path, fold_index: int) -> tuple:
 
 
 def partial_fov(data_dir: Path, checkpoints: Path) -> dict:
+    """Check 1 over the 5 folds: per query, the Dice of the 20-slice query slab against the whole query on the same
+    slices, and of the whole query segmented from a 20-slice support slab against the whole support (3D Dice per
+    class, in [0, 1]); the means and their ratio are added under ``*_mean`` and ``slab_support_ratio``."""
     rows = []
     for f in range(5):
         margin, sup, queries = fold_data(data_dir, checkpoints / f"fold{f}" / "snapshots" / "2000.pth", f)
@@ -100,6 +104,8 @@ def partial_fov(data_dir: Path, checkpoints: Path) -> dict:
 
 
 def one_decision(data_dir: Path, checkpoints: Path) -> dict:
+    """Check 2 on fold 0: per query, the 3D Dice of each class segmented with all four classes at once
+    (``together``) and alone, and their difference (together - alone)."""
     margin, sup, queries = fold_data(data_dir, checkpoints / "fold0" / "snapshots" / "2000.pth", 0)
     out = {}
     for q, (query, gt) in queries.items():
@@ -130,8 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(2)
     result = {"partial_fov": partial_fov(args.data_dir, args.checkpoints),
               "one_decision_fold0": one_decision(args.data_dir, args.checkpoints)}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    write_text(args.out, json.dumps(result, indent=1) + "\n")
     p = result["partial_fov"]
     print(f"query slab {p['slab_query_mean']:.3f} vs whole query on the slab's slices "
           f"{p['whole_query_on_slab_mean']:.3f}; support slab {p['slab_support_mean']:.3f} vs whole support "
