@@ -105,7 +105,7 @@ def legacy_train_step(model: nn.Module, batch: dict[str, Any], optimizer: torch.
                       usealign: bool, ignore_label: int) -> dict[str, float]:
     """The step before the device-side guard (same arguments as :func:`engine.train_step.train_step`, floats out):
     for timing only."""
-    from engine.train_step import autocast_context
+    from engine.train_step import apply_update, autocast_context
     from models.losses import QUERY_CLASS_WEIGHTS, query_loss
     from util.distributed import all_ranks_true
 
@@ -132,13 +132,7 @@ def legacy_train_step(model: nn.Module, batch: dict[str, Any], optimizer: torch.
             for buf, old in zip(buffers, saved_buffers):
                 buf.copy_(old)
         return terms
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        loss.backward()
-        optimizer.step()
+    apply_update(loss, optimizer, scaler)
     return terms
 
 

@@ -56,7 +56,7 @@ from dataloaders.niftiio import (
     supervox_path,
     write_volume,
 )
-from util.options import OptionParser, positive_int
+from util.options import OptionParser, positive_float, positive_int
 
 _BLOCKS_PER_WORKER = 2  # parallel runs: at least this many tasks per worker, so the last ones finish together
 _WORKER_IMAGE: dict[str, tuple[np.ndarray, Geometry, str]] = {}  # per worker process: the last image read
@@ -302,17 +302,6 @@ def generate_supervoxels(data_dir: str | Path, info: DatasetInfo, workers: int =
           f"{len(ids)} scans, {n_total / max(len(ids), 1):.1f} supervoxels per scan, "
           f"{body / max(n_total, 1):.0f} voxels each on average, {time.perf_counter() - start:.1f} s -> {data_dir}")
     return [supervox_path(data_dir, sid, scale) for sid in ids]
-
-
-def positive_float(text: str) -> float:
-    """argparse type: a finite number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
 
 
 def _id_list(text: str) -> list[int]:

@@ -30,6 +30,17 @@ def autocast_context(amp: str, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def apply_update(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> None:
+    """Backward pass and optimiser step of a finite ``loss`` (0-dim), through ``scaler`` when fp16 uses one."""
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+
+
 def train_step(model: torch.nn.Module, batch: dict[str, Any], optimizer: torch.optim.Optimizer,
                scaler: torch.amp.GradScaler | None, device: torch.device, amp: str, use_wce: bool,
                usealign: bool, ignore_label: int, guard: StepGuard | None = None,
@@ -80,11 +91,5 @@ def train_step(model: torch.nn.Module, batch: dict[str, Any], optimizer: torch.o
     if not bool(ok):  # host path: one read (free on CPU; on GPU only until the optimizer state exists, or fp16)
         guard.undo_forward()
         return terms
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        loss.backward()
-        optimizer.step()
+    apply_update(loss, optimizer, scaler)
     return terms
