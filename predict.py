@@ -33,8 +33,7 @@ from pathlib import Path
 from models.backbone import BACKBONES
 from prediction.run import run
 from prediction.volume import DEFAULT_METHOD, INPLANE_MARGIN_MM, MARGIN_MM, METHODS
-from util.cli import EXIT_OK, EXIT_USER_ERROR, error_line
-from util.errors import ProjectError
+from util.errors import EXIT_OK, EXIT_USER_ERROR, ProjectError, error_line
 from util.options import OptionParser, parse_classes, positive_float, positive_int
 
 

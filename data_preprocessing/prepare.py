@@ -80,8 +80,7 @@ from dataloaders.niftiio import (
     write_volume,
 )
 from util.atomic import atomic_folder, write_text
-from util.cli import EXIT_USER_ERROR, error_line
-from util.errors import ProjectError, RawDataError
+from util.errors import EXIT_USER_ERROR, ProjectError, RawDataError, error_line
 from util.options import MAX_CLASSES, OptionParser, parse_classes, positive_float, positive_int
 
 DESCRIPTION_FILE = "dataset.json5"

@@ -19,8 +19,7 @@ from typing import Any
 import numpy as np
 
 from util.atomic import write_text
-from util.cli import EXIT_USER_ERROR, error_line
-from util.errors import ProjectError
+from util.errors import EXIT_USER_ERROR, ProjectError, error_line
 from util.options import OptionParser, existing_dir
 
 ROWS = ("ep1_alp", "registered", "atlas", "body")

@@ -66,11 +66,17 @@ METRICS = ("correlation", "mattes", "meansquares")
 SEARCH_FEATURES = ("intensity", "gradient", "both", "rank", "local")
 # In-plane scales (query size / support size) tried by the z search: patients differ in body size.
 DEFAULT_SEARCH_SCALES = (0.8, 0.87, 0.93, 1.0, 1.07, 1.15, 1.25)
-# Default similarity per (support modality, query modality). CT-CT: normalised correlation (z-range accuracy on the
-# CT phantom and two real chest CTs). MR-MR: Mattes mutual information, robust to the contrast differing between
-# scans: the whole-volume segmentation of the MR phantom's 5 folds gave mean Dice 0.573 with it, 0.536 with
-# correlation (docs/protocols.md "Whole-volume methods").
-DEFAULT_METRIC = {("CT", "CT"): "correlation", ("MR", "MR"): "mattes", ("CT", "MR"): "mattes",
+# Default similarity of the z search per (support modality, query modality). CT-CT: normalised correlation (z-range
+# accuracy on the CT phantom and two real chest CTs). MR-MR and across modalities: Mattes mutual information, which
+# tolerates the changing content of partial overlaps: with mean squares in the z search, 20-slice MR phantom slabs
+# lost 0.07 Dice against the whole scan and a 20-slice support kept 0.81 of the whole support's Dice (Mattes: +0.02,
+# 0.93; docs/protocols.md "Whole-volume methods", python -m launch.own_scan_checks).
+DEFAULT_SEARCH_METRIC = {("CT", "CT"): "correlation", ("MR", "MR"): "mattes", ("CT", "MR"): "mattes",
+                         ("MR", "CT"): "mattes"}
+# Default similarity of the rigid and affine stages (in-plane, once z is placed). MR-MR: mean squares of the coarse
+# images, each scaled by its own 99th body percentile (_prepare): on the MR phantom's 5 folds the whole-volume
+# segmentation gave mean Dice 64.0 % with it and 59.3 % with Mattes mutual information (docs/protocols.md).
+DEFAULT_METRIC = {("CT", "CT"): "correlation", ("MR", "MR"): "meansquares", ("CT", "MR"): "mattes",
                   ("MR", "CT"): "mattes"}
 # Linear-stage correlation below which a registration is likely wrong (Correspondence.likely_failed), measured.
 FAILURE_SCORE = {"CT": 0.45, "MR": 0.2}
@@ -955,7 +961,8 @@ class Correspondence:
         z_search_score: best z-search similarity (its own scale: 6 mm slices, centroid-aligned).
         z_search_runner_up: the best other local maximum of the z profile >= 20 mm away (-inf if none); a small
             ``z_search_score - z_search_runner_up`` (< 0.02) doubled the miss rate on the phantom CT.
-        metric: similarity used by the search and the linear stages.
+        metric: similarity of the rigid and affine stages.
+        search_metric: similarity of the z search.
         stages: stages run.
         modalities: (support, query) modality.
         z_scale_locked: whether the affine z row/column was frozen.
@@ -985,6 +992,7 @@ class Correspondence:
     z_search_score: float
     z_search_runner_up: float
     metric: str
+    search_metric: str
     stages: tuple[str, ...]
     modalities: tuple[str, str]
     z_scale_locked: bool
@@ -1190,6 +1198,7 @@ def _dilate_mm(mask: np.ndarray, spacing_zyx: ZYX, radius_mm: float) -> np.ndarr
 # ----------------------------------------------------------------------------------------------- register
 def register(atlas: SupportAtlas, query_image: np.ndarray, query_spacing_zyx: Sequence[float],
              modality: str | None = None, stages: Sequence[str] = DEFAULT_STAGES, metric: str | None = None,
+             search_metric: str | None = None,
              z_from_search: bool = True, lock_z_scale: bool = True, min_overlap_mm: float = 30.0,
              min_overlap_frac: float = 0.9, shift_px: int = 1, iterations: int = 60, sampling: float = 0.1,
              demons_iterations: int = 40, demons_sigma_px: float = 1.5, demons_in_plane_only: bool = False,
@@ -1205,8 +1214,9 @@ def register(atlas: SupportAtlas, query_image: np.ndarray, query_spacing_zyx: Se
         stages: ordered subset of ``("z", "rigid", "affine")`` plus at most one of ``"demons"`` / ``"bspline"``
             last; default :data:`DEFAULT_STAGES`. Without ``"z"`` the start is the body-centroid translation with the
             two fields' z centres aligned (``CenteredTransformInitializer``-like; wrong for partial fields of view).
-        metric: ``"correlation"``, ``"mattes"`` or ``"meansquares"`` for the search and the linear stages;
-            default :data:`DEFAULT_METRIC` of the modality pair.
+        metric: ``"correlation"``, ``"mattes"`` or ``"meansquares"`` for the rigid and affine stages; default
+            :data:`DEFAULT_METRIC` of the modality pair.
+        search_metric: the same choice for the z search; default :data:`DEFAULT_SEARCH_METRIC` of the modality pair.
         z_from_search: the rigid and affine stages move in-plane only: rotations about x and y, the z translation
             and the affine's z row and column get optimiser weight 0, so every query slice keeps the support z the
             search gave it (measured better than letting the linear stages move z, see the module's report).
@@ -1261,8 +1271,10 @@ def register(atlas: SupportAtlas, query_image: np.ndarray, query_spacing_zyx: Se
         raise ValueError(f"stages must follow the order {STAGES[:3]} and end with at most one of demons/bspline, "
                          f"got {stages}")
     metric = metric if metric is not None else DEFAULT_METRIC[(atlas.modality, q_mod)]
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    search_metric = search_metric if search_metric is not None else DEFAULT_SEARCH_METRIC[(atlas.modality, q_mod)]
+    for name, value in (("metric", metric), ("search_metric", search_metric)):
+        if value not in METRICS:
+            raise ValueError(f"{name} must be one of {METRICS}, got {value!r}")
     if not 0 < sampling <= 1:
         raise ValueError(f"sampling must be in (0, 1], got {sampling}")
     if scale_mode not in SCALE_MODES:
@@ -1275,7 +1287,8 @@ def register(atlas: SupportAtlas, query_image: np.ndarray, query_spacing_zyx: Se
 
     t0 = time.perf_counter()
     if "z" in stages:
-        zs = search_z(atlas, query, metric, min_overlap_mm, min_overlap_frac, shift_px, max(1, n_starts), scale_mode)
+        zs = search_z(atlas, query, search_metric, min_overlap_mm, min_overlap_frac, shift_px, max(1, n_starts),
+                      scale_mode)
         starts = [(c.translation_xyz, c.scale) for c in zs.candidates]
         z_offset, zs_score, zs_runner = zs.best.offset_mm, zs.best.score, zs.runner_up
     else:
@@ -1376,7 +1389,8 @@ def register(atlas: SupportAtlas, query_image: np.ndarray, query_spacing_zyx: Se
         transform=current, query_shape=tuple(image.shape), query_spacing_zyx=spacing,  # type: ignore[arg-type]
         support_shape=atlas.shape, support_spacing_zyx=atlas.spacing_zyx, support_z=support_z, support_z_raw=raw,
         score=score, overlap_mm=float(inside.sum() * spacing[0]), z_offset_mm=float(z_offset),
-        z_search_score=zs_score, z_search_runner_up=zs_runner, metric=metric, stages=stages,
+        z_search_score=zs_score, z_search_runner_up=zs_runner, metric=metric, search_metric=search_metric,
+        stages=stages,
         modalities=(atlas.modality, q_mod), z_scale_locked=locked, stage_scores=scores, stage_seconds=times,
         query_body=body_full, query_centroids_yx=cent, stage_transforms=transforms, start_scores=start_scores,
         reverted=tuple(reverted), support_label=atlas.label)

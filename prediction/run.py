@@ -314,6 +314,7 @@ def query_entry(result: VolumeSegmentation, classes: dict[str, int], seg: np.nda
         out["classes"][cname] = values
     out["registration"] = [{"score": round(c.score, 4), "overlap_mm": round(c.overlap_mm, 1),
                             "z_offset_mm": round(c.z_offset_mm, 1), "stages": list(c.stages),
+                            "search_metric": c.search_metric, "metric": c.metric,
                             "seconds": round(c.stage_seconds.get("total", 0.0), 2)} for c in result.correspondences]
     return out
 

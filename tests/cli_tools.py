@@ -34,6 +34,7 @@ TOOLS: dict[str, tuple[str, list[str]]] = {
     "python -m launch.sweep": ("launch.sweep", ["--dataset", "PHANTOM", "--devices", "cpu"]),
     "python -m launch.demo": ("launch.demo", []),
     "python -m launch.own_scan_checks": ("launch.own_scan_checks", []),
+    "python -m launch.z_localisation": ("launch.z_localisation", []),
     "python -m bench": ("bench.__main__", []),
 }
 

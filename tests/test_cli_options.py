@@ -97,3 +97,18 @@ def test_unknown_option_real_script(prog: str, tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"error: unrecognized arguments: --no-such-option (see {prog} --help)"]
     assert proc.stdout == "" and list(tmp_path.iterdir()) == []
+
+
+def test_argparse_tools_do_not_import_sacred() -> None:
+    """Only the Sacred scripts load Sacred: importing it costs a second and prints setuptools' pkg_resources warning
+    on stderr, which the argparse tools (predict.py, prepare, ...) must not show to their users."""
+    import subprocess
+    import sys
+
+    modules = sorted({module for module, _ in TOOLS.values()})
+    code = ("import sys\n" + "".join(f"import {m}\n" for m in modules)
+            + "print(sorted(m for m in sys.modules if m == 'sacred' or m.startswith('sacred.')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.stdout.strip() == "[]", f"a tool imports Sacred: {done.stdout.strip()[:200]}"
+    assert "pkg_resources" not in done.stderr

@@ -246,8 +246,11 @@ def test_stages_metrics_and_reproducibility(scans: dict, atlas0: SupportAtlas) -
     rigid_m, affine_m = free.stage_transforms["rigid"].GetMatrix(), free.stage_transforms["affine"].GetMatrix()
     assert np.allclose([affine_m[i] for i in (6, 7, 8)], [rigid_m[i] for i in (6, 7, 8)])
     for metric in ("mattes", "meansquares"):
-        c = register(atlas0, query, q_spacing, "CT", stages=("z",), metric=metric)
+        c = register(atlas0, query, q_spacing, "CT", stages=("z",), search_metric=metric)
         assert np.isfinite(c.support_z).sum() >= 15 and -1 <= c.score <= 1  # at least the minimum overlap
+        assert (c.search_metric, c.metric) == (metric, "correlation")  # CT-CT stages keep their default
+    mr = register(atlas0, query, q_spacing, "MR", stages=("z",))  # CT support, MR query: Mattes for both
+    assert (mr.search_metric, mr.metric) == ("mattes", "mattes")
     only_init = register(atlas0, query, q_spacing, "CT", stages=("rigid",))
     assert "init" in only_init.stage_transforms
 
@@ -315,6 +318,8 @@ def test_bad_input_raises(scans: dict, atlas0: SupportAtlas) -> None:
         register(atlas0, image, spacing, stages=("z", "warp"))
     with pytest.raises(ValueError, match="metric"):
         register(atlas0, image, spacing, metric="ncc")
+    with pytest.raises(ValueError, match="search_metric"):
+        register(atlas0, image, spacing, search_metric="ncc")
     with pytest.raises(ValueError, match="body"):
         register(atlas0, np.zeros((10, SIZE, SIZE), np.float32), spacing)
     with pytest.raises(ValueError, match="iterations"):

@@ -28,10 +28,20 @@ from typing import Any
 from sacred import Experiment
 from sacred.utils import SacredError, format_sacred_error
 
-from util.errors import ProjectError, RunInterrupted
+from util.errors import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_SIGINT,
+    EXIT_SIGTERM,
+    EXIT_SIGUSR1,
+    EXIT_USER_ERROR,
+    ProjectError,
+    RunInterrupted,
+    error_line,
+)
 
-EXIT_OK, EXIT_FAILURE, EXIT_USER_ERROR = 0, 1, 2
-EXIT_SIGINT, EXIT_SIGTERM, EXIT_SIGUSR1 = 128 + signal.SIGINT, 128 + signal.SIGTERM, 128 + signal.SIGUSR1
+__all__ = ["EXIT_FAILURE", "EXIT_OK", "EXIT_SIGINT", "EXIT_SIGTERM", "EXIT_SIGUSR1", "EXIT_USER_ERROR", "Terminated",
+           "error_line", "run_cli"]
 
 
 class Terminated(KeyboardInterrupt):
@@ -46,12 +56,6 @@ class Terminated(KeyboardInterrupt):
 
 def _raise_terminated(signum: int, frame: FrameType | None) -> None:
     raise Terminated(signum)
-
-
-def error_line(err: BaseException) -> str:
-    """``error: <message>`` (the message may continue on indented lines, e.g. a list of checkpoint keys)."""
-    text = str(err).strip() or type(err).__name__
-    return f"error: {text}"
 
 
 def run_cli(ex: Experiment, argv: Sequence[str] | None = None) -> int:

@@ -12,6 +12,19 @@ against the built-in type keep working.
 
 from __future__ import annotations
 
+import signal
+
+#: Exit codes of every command-line tool: 0 done, 1 a bug (traceback kept), 2 bad input (one ``error:`` line),
+#: 128 + signal number when interrupted (:mod:`util.cli` for the Sacred scripts).
+EXIT_OK, EXIT_FAILURE, EXIT_USER_ERROR = 0, 1, 2
+EXIT_SIGINT, EXIT_SIGTERM, EXIT_SIGUSR1 = 128 + signal.SIGINT, 128 + signal.SIGTERM, 128 + signal.SIGUSR1
+
+
+def error_line(err: BaseException) -> str:
+    """``error: <message>`` (the message may continue on indented lines, e.g. a list of checkpoint keys)."""
+    text = str(err).strip() or type(err).__name__
+    return f"error: {text}"
+
 
 class ProjectError(Exception):
     """Base of every error that means "the input is wrong" (data, options, config, checkpoint, environment)."""
