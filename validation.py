@@ -146,7 +146,7 @@ class WholeVolume:
         support_ids: the fold's support scans.
         classes: the classes to segment (all in one decision).
         method: ``ep2_method``.
-        n_part: support slices per support scan (``body``; ``registered`` uses every matched slice).
+        n_part: support slices (EP1-ALP chunk centres) per support scan, for ``body`` and ``registered``.
     """
 
     def __init__(self, data_dir: str | Path, info: Any, images: dict[int, np.ndarray], labels: dict[int, np.ndarray],

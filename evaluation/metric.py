@@ -38,6 +38,12 @@ def dice(tp: Any, fp: Any, fn: Any) -> np.ndarray:
     return _ratio(2 * tp, 2 * tp + np.asarray(fp) + np.asarray(fn))
 
 
+def mask_dice(pred: np.ndarray, gt: np.ndarray) -> float:
+    """3D Dice of two bool masks of one shape (any number of axes); NaN when both are empty."""
+    tp = int((pred & gt).sum())
+    return float(dice(tp, int(pred.sum()) - tp, int(gt.sum()) - tp))
+
+
 def precision(tp: Any, fp: Any) -> np.ndarray:
     """Precision = TP / (TP + FP), elementwise; NaN where the prediction is empty."""
     return _ratio(tp, np.asarray(tp, np.float64) + np.asarray(fp))

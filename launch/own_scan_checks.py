@@ -24,7 +24,7 @@ from dataloaders.dataset_info import get_dataset_info
 from dataloaders.manual_anno_dataset import load_annotated_scans
 from dataloaders.normalization import Normalizer
 from evaluation.ep2 import margin_fn
-from evaluation.metric import dice
+from evaluation.metric import mask_dice
 from evaluation.predictors import FastPredictor
 from models.grid_proto_fewshot import FewShotSeg
 from models.weights import load_model_weights
@@ -39,11 +39,7 @@ SLAB = 20
 
 def dices(labels: np.ndarray, gt: np.ndarray, classes: list[int]) -> dict[int, float]:
     """3D Dice per class of a label volume against the ground truth."""
-    out = {}
-    for c in classes:
-        p, g = labels == c, gt == c
-        out[c] = float(dice(int((p & g).sum()), int((p & ~g).sum()), int((~p & g).sum())))
-    return out
+    return {c: mask_dice(labels == c, gt == c) for c in classes}
 
 
 def fold_data(data_dir: Path, ckpt_path: Path, fold_index: int) -> tuple:
@@ -52,8 +48,7 @@ def fold_data(data_dir: Path, ckpt_path: Path, fold_index: int) -> tuple:
     ckpt = load_checkpoint(ckpt_path)
     cfg = ckpt["config"]
     fold = info.fold(fold_index, available=niftiio.list_scan_ids(data_dir), n_shots=1)
-    held = list(fold.held_out)
-    sid, queries = held[-1], [x for x in held if x != held[-1]]
+    sid, queries = fold.support[0], list(fold.queries)
     scans = load_annotated_scans(data_dir, info, queries + [sid], Normalizer.from_dict(ckpt["normalizer"]))
     model = FewShotSeg.from_config(cfg)
     load_model_weights(model, ckpt["model"], ckpt_path)

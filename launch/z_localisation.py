@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from dataloaders import niftiio
 from dataloaders.dataset_info import get_dataset_info
+from evaluation.ep1_alp import class_z_range
 from prediction.correspondence import DEFAULT_STAGES, prepare_support, register
 from util.atomic import write_text
 from util.errors import EXIT_USER_ERROR, ProjectError, error_line
@@ -48,12 +49,6 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "search feature: local": ({"search_feature": "local"}, {"search_metric": "correlation"}),
     "search 3 mm px, 2 mm steps": ({"search_mm": 3.0, "search_step_mm": 2.0}, {}),
 }
-
-
-def class_range(mask: np.ndarray) -> tuple[int, int] | None:
-    """First and last slice (axis 0) where ``mask`` (Z, H, W) holds a voxel, or None when empty."""
-    z = np.flatnonzero(mask.reshape(mask.shape[0], -1).any(axis=1))
-    return (int(z[0]), int(z[-1])) if z.size else None
 
 
 def load_folds(data_dir: Path, dataset: str = "PHANTOM") -> tuple[dict[int, tuple[tuple[int, ...], tuple[int, ...]]],
@@ -88,7 +83,7 @@ def measure(folds: dict, scans: dict, modality: str, prep: dict[str, Any], optio
             q_image, q_label, q_spacing = scans[q]
             warped = register(atlas, q_image, q_spacing, modality, **options).warp_label()
             for c in sorted(int(x) for x in np.unique(q_label) if x > 0):
-                true, got = class_range(q_label == c), class_range(warped == c)
+                true, got = class_z_range(q_label, c), class_z_range(warped, c)
                 pairs[f"{q},{c}"] = None if got is None else [got[0] - true[0], got[1] - true[1]]
     errors = [abs(e) for v in pairs.values() if v is not None for e in v]
     ok = [v is not None and max(abs(v[0]), abs(v[1])) <= tolerance for v in pairs.values()]

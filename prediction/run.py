@@ -32,7 +32,7 @@ from dataloaders import niftiio
 from dataloaders.dataset_info import BODY_THRESHOLD, builtin_names, get_dataset_info
 from dataloaders.normalization import Normalizer, fit_normalizer
 from evaluation.ep2 import margin_fn
-from evaluation.metric import dice, hd95
+from evaluation.metric import hd95, mask_dice
 from evaluation.predictors import FastPredictor
 from models.backbone import BACKBONES
 from models.grid_proto_fewshot import FewShotSeg
@@ -242,8 +242,7 @@ def class_values(seg: np.ndarray, ref: np.ndarray | None, cid: int, spacing_xyz:
     }
     if ref is not None:
         gt = ref == cid
-        tp, fp, fn = int((pred & gt).sum()), int((pred & ~gt).sum()), int((~pred & gt).sum())
-        d = float(dice(tp, fp, fn))
+        d = mask_dice(pred, gt)
         h = hd95(pred, gt, tuple(float(s) for s in spacing_xyz[::-1]))
         out.update({"dice": None if np.isnan(d) else d, "hd95_mm": None if np.isnan(h) else h,
                     "reference_volume_ml": float(gt.sum() * float(np.prod(spacing_xyz)) / 1000.0)})

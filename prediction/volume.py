@@ -43,7 +43,7 @@ from typing import Any, Literal
 import numpy as np
 from tqdm import tqdm
 
-from evaluation.ep1_alp import chunk_index, class_slices, support_slices
+from evaluation.ep1_alp import chunk_index, class_slices, class_z_range, support_slices
 from evaluation.ep2 import ClassSegmentation, MarginFn, ep2_segment_class, largest_component
 from evaluation.ep2 import SupportScan as BodySupport
 from prediction.correspondence import Correspondence, SupportAtlas, prepare_support, register
@@ -201,7 +201,7 @@ def place_registered(corrs: Sequence[Correspondence], supports: Sequence[Support
         matched = organ[np.abs(organ[None, :] - matched[:, None]).argmin(axis=1)]
         chosen.append(matched)
         if use_prior:
-            p = anisotropic_prior(corr, sup.label, class_id, margin_mm, inplane_margin_mm)
+            p = corr.prior(sup.label, class_id, margin_mm, inplane_margin_mm)
             prior = p if prior is None else prior | p
     if open_lo:
         lo = 0
@@ -213,34 +213,6 @@ def place_registered(corrs: Sequence[Correspondence], supports: Sequence[Support
         arr[: max(lo, 0)] = -1
         arr[hi + 1:] = -1
     return Placement(chosen, (int(lo), int(hi)), (open_lo, open_hi), prior)
-
-
-def anisotropic_prior(corr: Correspondence, label: np.ndarray, class_id: int, z_margin_mm: float,
-                      inplane_margin_mm: float) -> np.ndarray:
-    """The carried organ (:meth:`Correspondence.prior` with no margin: continued beyond an open end) dilated in-plane
-    by a disc of ``inplane_margin_mm`` and along z by ``z_margin_mm``. The two margins differ because registration
-    errs differently in-plane and along z; tighter in-plane priors measured better (docs/protocols.md).
-
-    Returns:
-        (Zq, H, W) bool.
-    """
-    from scipy import ndimage
-
-    mask = corr.prior(label, class_id, 0.0)
-    if not mask.any():
-        return mask
-    dz, dy, dx = corr.query_spacing_zyx
-    ry, rx = int(inplane_margin_mm // dy), int(inplane_margin_mm // dx)
-    yy, xx = np.ogrid[-ry:ry + 1, -rx:rx + 1]
-    disc = (yy * dy) ** 2 + (xx * dx) ** 2 <= inplane_margin_mm ** 2
-    zs = np.flatnonzero(mask.any(axis=(1, 2)))
-    out = np.zeros_like(mask)
-    for z in zs:
-        out[z] = ndimage.binary_dilation(mask[z], structure=disc)
-    nz = int(z_margin_mm // dz)
-    if nz:
-        out = ndimage.maximum_filter1d(out.astype(np.uint8), size=2 * nz + 1, axis=0).astype(bool)
-    return out
 
 
 # ----------------------------------------------------------------------------------------------- scoring
@@ -434,8 +406,9 @@ def segment_volume(margin: MarginFn, supports: Sequence[SupportScan], query: Que
 
 
 def _extent(mask: np.ndarray) -> tuple[float, float]:
-    zs = np.flatnonzero(mask.any(axis=(1, 2)))
-    return (float(zs[0]), float(zs[-1])) if zs.size else (0.0, -1.0)
+    """First and last slice holding ``mask`` (Z, H, W), as the estimated range; (0, -1) when empty."""
+    ends = class_z_range(mask, True)
+    return (float(ends[0]), float(ends[1])) if ends else (0.0, -1.0)
 
 
 def _segment_by_body(margin: MarginFn, supports: Sequence[SupportScan], query: QueryScan, classes: list[int],

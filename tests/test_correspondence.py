@@ -143,7 +143,6 @@ def test_open_ends_when_the_support_organ_touches_its_field_of_view(scans: dict)
     assert liver is not None
     top = liver[0] + 8  # support slab cut through the liver: its organ touches the top of the slab
     atlas = prepare_support(s_image[:top], s_spacing, s_label[:top], "CT")
-    assert atlas.touches_ends(1) == (False, True)
     closed_errors = []
     for q in (3, 4, 5):
         q_image, q_label, q_spacing = scans[q]
@@ -157,7 +156,7 @@ def test_open_ends_when_the_support_organ_touches_its_field_of_view(scans: dict)
         # the prior continues the organ beyond the open end (query slices above the support's field of view)
         above = np.flatnonzero(c.support_z_raw > atlas.shape[0] - 0.5)
         assert above.size > 0 and not np.isfinite(c.support_z[above]).any()
-        assert c.prior(None, 1, 10.0)[above].any(axis=(1, 2)).all()
+        assert c.prior(None, 1, 10.0, 5.0)[above].any(axis=(1, 2)).all()
         # ends of the other classes are open exactly where they touch the slab's ends
         for k in (2, 3, 4):
             if (atlas.label == k).any():
@@ -184,7 +183,7 @@ def test_prior_contains_the_query_organ(scans: dict, atlas0: SupportAtlas) -> No
     q_image, q_label, q_spacing = scans[1]
     c = register(atlas0, q_image, q_spacing, "CT")
     for k in (1, 2, 3, 4):
-        prior = c.prior(None, k, margin_mm=20.0)
+        prior = c.prior(None, k, margin_mm=20.0, inplane_margin_mm=20.0)
         truth = q_label == k
         assert prior.shape == q_label.shape and prior.dtype == bool
         covered = (prior & truth).sum() / truth.sum()
@@ -192,13 +191,18 @@ def test_prior_contains_the_query_organ(scans: dict, atlas0: SupportAtlas) -> No
         assert prior.mean() < 0.25  # and is not the whole volume
 
 
-def test_prior_dilation_is_a_ball_in_mm() -> None:
-    mask = np.zeros((11, 41, 41), bool)
-    mask[5, 20, 20] = True
-    out = corr._dilate_mm(mask, (5.0, 1.0, 1.0), 10.0)
-    assert out[5, 20, 10] and not out[5, 20, 9]  # 10 px in-plane
-    assert out[3, 20, 20] and not out[2, 20, 20]  # 2 slices along z
-    assert out[4, 20, 20 + 8] and not out[4, 20, 20 + 9]  # sqrt(10^2 - 5^2) = 8.7 mm one slice off
+def test_prior_dilates_in_plane_and_along_z_by_their_own_margins_in_mm() -> None:
+    mask = np.zeros((9, 11, 11), bool)
+    mask[4, 5, 5] = True
+    out = corr._dilate_mm(mask, (5.0, 1.0, 1.0), 10.0, 2.0)
+    # in-plane: the disc of radius 2 mm (13 pixels); along z: 10 mm / 5 mm = 2 slices either way
+    assert out[4].sum() == 13 and out[4, 5, 3] and not out[4, 4, 3]
+    assert [int(out[z].sum()) for z in range(9)] == [0, 0, 13, 13, 13, 13, 13, 0, 0]
+    # pixels of 0.5 x 1 mm: the same 2 mm reach 4 rows and 2 columns; 7 mm along z at 5 mm slices: 1 slice
+    out = corr._dilate_mm(mask, (5.0, 0.5, 1.0), 7.0, 2.0)
+    assert out[4, 1, 5] and not out[4, 0, 5] and out[4, 5, 3] and not out[4, 5, 2]
+    assert [bool(out[z].any()) for z in range(9)] == [False, False, False, True, True, True, False, False, False]
+    assert corr._dilate_mm(mask, (5.0, 1.0, 1.0), 0.0, 0.0) is mask
 
 
 # ----------------------------------------------------------------------------------------------- reuse, API
@@ -330,4 +334,10 @@ def test_bad_input_raises(scans: dict, atlas0: SupportAtlas) -> None:
     with pytest.raises(ValueError, match="query slice"):
         c.support_slice(12)
     with pytest.raises(ValueError, match="margin"):
-        c.prior(None, 1, -1.0)
+        c.prior(None, 1, -1.0, 5.0)
+    with pytest.raises(ValueError, match="margin"):
+        c.prior(None, 1, 10.0, -1.0)
+    with pytest.raises(ValueError, match="margin"):
+        c.class_z_range(None, 1, -1.0)
+    with pytest.raises(ValueError, match="absent"):
+        c.prior(None, 9, 10.0, 5.0)

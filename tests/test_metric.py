@@ -132,3 +132,17 @@ def test_per_slice_dice_nan_and_2d_input() -> None:
     assert math.isnan(agg["class_dice_per_slice"][1]) and (1, 1, "dice_per_slice") in agg["nan_entries"]
     with pytest.raises(ValueError, match="shape"):
         slice_counts(np.zeros((2, 2)), np.zeros((2, 3)))
+
+
+def test_mask_dice_by_hand() -> None:
+    from evaluation.metric import mask_dice
+
+    pred = np.zeros((2, 3, 3), bool)
+    gt = np.zeros((2, 3, 3), bool)
+    assert np.isnan(mask_dice(pred, gt))
+    pred[0, :2, :2] = True  # 4 voxels
+    gt[0, 1:, 1:] = True  # 4 voxels, 1 shared: Dice = 2 / (4 + 4)
+    gt[1, 0, 0] = True  # and one more in the other slice: 2 / (4 + 5)
+    assert mask_dice(pred, gt) == 2 / 9
+    assert mask_dice(gt, gt) == 1.0 and mask_dice(pred, ~pred) == 0.0
+

@@ -18,7 +18,7 @@ import pytest
 
 from data_preprocessing.phantom import synthesize_scan
 from evaluation.ep2 import margin_fn
-from evaluation.metric import dice
+from evaluation.metric import mask_dice
 from models.intensity_baseline import IntensityBaseline
 from prediction.volume import QueryScan, SupportScan, prepare_atlases, segment_volume
 
@@ -35,7 +35,7 @@ def _norm(image: np.ndarray) -> np.ndarray:
 
 
 def _dice(pred: np.ndarray, gt: np.ndarray) -> float:
-    return float(dice(int((pred & gt).sum()), int((pred & ~gt).sum()), int((~pred & gt).sum())))
+    return mask_dice(pred, gt)
 
 
 @pytest.fixture(scope="module")

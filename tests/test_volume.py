@@ -56,11 +56,15 @@ class FakeCorrespondence:
         hi = self.query_shape[0] - 1 if open_hi else int(zs[-1])
         return lo, hi, open_lo, open_hi
 
-    def prior(self, label: np.ndarray, c: int, margin_mm: float) -> np.ndarray:
+    def prior(self, label: np.ndarray, c: int, margin_mm: float, inplane_margin_mm: float) -> np.ndarray:
+        """The carried mask grown by ``prior_margin`` voxel steps, then the real prior's dilation in mm."""
         from scipy import ndimage
 
+        from prediction.correspondence import _dilate_mm
+
         m = self.warp_label(label) == c
-        return ndimage.binary_dilation(m, iterations=self.prior_margin) if self.prior_margin else m
+        m = ndimage.binary_dilation(m, iterations=self.prior_margin) if self.prior_margin else m
+        return _dilate_mm(m, self.query_spacing_zyx, margin_mm, inplane_margin_mm)
 
 
 def _support(label: np.ndarray) -> SupportScan:
@@ -186,18 +190,6 @@ def test_unknown_method_and_missing_class_are_refused() -> None:
         segment_volume(lambda s, m, q: q, [_support(lab)], query, [1], method="nearest")
     with pytest.raises(ValueError, match="holds no slice of class 2"):
         segment_volume(lambda s, m, q: q, [_support(lab)], query, [2])
-
-
-def test_anisotropic_prior_dilates_in_plane_and_along_z_by_their_own_margins() -> None:
-    from prediction.volume import anisotropic_prior
-
-    lab = np.zeros((9, 11, 11), np.int32)
-    lab[4, 5, 5] = 1
-    corr = FakeCorrespondence(0, (9, 11, 11), (9, 11, 11))
-    p = anisotropic_prior(corr, lab, 1, z_margin_mm=10.0, inplane_margin_mm=2.0)
-    # in-plane: the disc of radius 2 mm (13 pixels); along z: 10 mm / 5 mm = 2 slices either way
-    assert p[4].sum() == 13 and p[4, 5, 3] and not p[4, 4, 3]
-    assert [int(p[z].sum()) for z in range(9)] == [0, 0, 13, 13, 13, 13, 13, 0, 0]
 
 
 def test_best_chunk_keeps_each_voxels_largest_margin_over_the_chunks() -> None:
